@@ -1,0 +1,249 @@
+"""Typed configuration: dataclasses with a comment on each default, loaded from YAML plus `--set` overrides.
+
+Overrides are type-checked against the default (as nanoGPT's configurator asserts), and every mistake a
+user can make ends in a `ConfigError` whose message names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration or usage error (the CLI exits 2 with its message)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fusion"  # fusion | cnn_only | transformer_only
+    backbone: str = "efficientnet_lite0"  # any timm CNN that supports features_only
+    pretrained: str = "imagenet"  # imagenet (offline package for efficientnet_lite0, else the hub) | none | a weight file/URI
+    feature_stride: int = 32  # CNN stage that feeds the tokens: 16 (196 tokens at 224 px) or 32 (49 tokens, faster on CPU)
+    img_size: int = 224  # square input side in pixels
+    d_model: int = 192  # Transformer width
+    depth: int = 2  # Transformer encoder layers
+    num_heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # Transformer MLP hidden size / d_model
+    fusion: str = "concat"  # concat | gated | cross_attention
+    dropout: float = 0.1  # dropout before the heads and inside the Transformer
+    drop_path: float = 0.0  # stochastic depth in the Transformer
+    patch_size: int = 16  # transformer_only: ViT patch size
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str = ""  # S3 endpoint; empty means AWS_ENDPOINT_URL or AWS itself
+    region: str = ""  # S3 region; empty means the standard AWS chain
+    anon: bool = False  # anonymous S3 access (public buckets)
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] = field(default_factory=list)  # label columns to learn; empty means every label column
+    val_fraction: float = 0.2  # stratified validation share (ignored where the manifest has a `split` column)
+    seed: int = 0  # split seed
+    max_pixels: int = 64_000_000  # decoded pixels above this are an error (decompression bombs), not an OOM
+    max_bytes: int = 256 * 1024 * 1024  # objects larger than this are an error, not read
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12  # passes over the training split
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3  # peak learning rate for the new layers
+    backbone_lr_scale: float = 0.1  # a pretrained backbone learns at lr * this
+    weight_decay: float = 0.05  # AdamW
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    class_balance: str = "weighted"  # weighted (inverse-frequency loss weights) | none
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    augment: bool = True  # random resized crop + flip + colour jitter on the training split
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 0.5  # leave CPUs to Ray Data (see DESIGN.md, CPU starvation)
+    compile: bool = False  # torch.compile the model (GPU)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    seed: int = 0
+    cache_size: int = 256  # decoded-image cache side in pixels (decode once, crop/resize per epoch)
+
+
+@dataclass
+class LabelConfig:
+    batch_size: int = 64  # images per model batch
+    decode_batch_size: int = 64  # images per decode task
+    min_actors: int = 1  # model actor pool size (min == max: fixed)
+    max_actors: int = 1
+    num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 1.0  # CPUs per decode task
+    gpu_decode: bool = False  # decode JPEGs with nvJPEG on the model actor's GPU
+    topk: int = 3  # labels per task in <task>_topk
+    review_threshold: float = 0.5  # needs_review when a task's top score is below this
+    embeddings: bool = False  # write the fused embedding (float16) per row
+    run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8  # trials
+    max_concurrent_trials: int = 2
+    time_budget_s: float = 0.0  # 0 means no limit
+    grace_period: int = 2  # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = 2  # ASHA
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    # search space: a list means "choose one", a two-element [low, high] under *_range means log-uniform
+    fusion: list[str] = field(default_factory=lambda: ["concat", "gated", "cross_attention"])
+    depth: list[int] = field(default_factory=lambda: [1, 2, 4])
+    d_model: list[int] = field(default_factory=lambda: [128, 192, 256])
+    num_heads: list[int] = field(default_factory=lambda: [4, 8])
+    feature_stride: list[int] = field(default_factory=lambda: [16, 32])
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+    label_smoothing: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    lr_range: list[float] = field(default_factory=lambda: [3e-4, 3e-3])
+    backbone_lr_scale: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3])
+    weight_decay_range: list[float] = field(default_factory=lambda: [0.01, 0.1])
+
+
+@dataclass
+class BenchConfig:
+    n_images: int = 512  # generated JPEGs for the decode and pipeline stages
+    width: int = 1024  # generated image size
+    height: int = 768
+    model_batches: int = 10  # timed model batches
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+CHOICES = {
+    "model.arch": ("fusion", "cnn_only", "transformer_only"),
+    "model.fusion": ("concat", "gated", "cross_attention"),
+    "model.feature_stride": (8, 16, 32),
+    "train.class_balance": ("weighted", "none"),
+}
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{name}'{_suggest(key, fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, hint, name)
+    cfg = cls(**kwargs)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then validated."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. model.fusion=gated), got '{item}'")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    m = cfg.model
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads})")
+    if m.img_size < 32 or m.img_size % 32:
+        raise ConfigError(f"model.img_size must be a multiple of 32 and at least 32; got {m.img_size}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1; got {cfg.data.val_fraction}")
+    for name in ("epochs", "batch_size", "num_workers"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1")
+    if cfg.label.batch_size < 1 or cfg.label.topk < 1:
+        raise ConfigError("label.batch_size and label.topk must be at least 1")
+    if not 1 <= cfg.label.min_actors <= cfg.label.max_actors:
+        raise ConfigError("label.min_actors must be at least 1 and at most label.max_actors")
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_type, f"{name}[]") for v in value]
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} expects true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} expects a string, got {value!r}")
+    return value
+
+
+def _suggest(key: str, options: Any) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(options)})"

@@ -15,10 +15,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from artfuse.config import ConfigError
+from artfuse.storage import resolve
 
 Rng = np.random.Generator
 Color = tuple[int, int, int]
@@ -235,7 +237,7 @@ def generate_samples(
     lo, hi = size_range
     if not 16 <= lo < hi:
         raise ConfigError(f"size_range must be (low, high) with 16 <= low < high; got {size_range}")
-    fs, root = _resolve(out)
+    fs, root = resolve(out)
     if _is_local(fs):
         _write(Path(root), per_class, seed, size_range)
     else:
@@ -265,16 +267,6 @@ def _write(root: Path, per_class: int, seed: int, size_range: tuple[int, int]) -
     return files
 
 
-def _resolve(uri: str):
-    try:
-        from artfuse.storage import resolve
-    except ImportError:  # storage.py is optional for this module: plain fsspec resolves the same URIs
-        from fsspec.core import url_to_fs
-
-        return url_to_fs(uri)
-    return resolve(uri)
-
-
-def _is_local(fs) -> bool:
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

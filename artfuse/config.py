@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "fusion"  # fusion | cnn_only | transformer_only
     backbone: str = "efficientnet_lite0"  # any timm CNN that supports features_only
-    pretrained: str = "imagenet"  # imagenet (offline package for efficientnet_lite0, else the hub) | none | a weight file/URI
-    feature_stride: int = 32  # CNN stage that feeds the tokens: 16 (196 tokens at 224 px) or 32 (49 tokens, faster on CPU)
+    # imagenet (the offline package for efficientnet_lite0, else timm's hub) | none | a weight file or URI
+    pretrained: str = "imagenet"
+    feature_stride: int = (
+        32  # CNN stage that feeds the tokens: 16 (196 tokens at 224 px) or 32 (49 tokens, faster on CPU)
+    )
     img_size: int = 224  # square input side in pixels
     d_model: int = 192  # Transformer width
     depth: int = 2  # Transformer encoder layers

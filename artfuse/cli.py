@@ -1,0 +1,167 @@
+"""`artfuse <command>`: a thin layer over the job functions. Exit 0 on success, 2 on a usage or config error
+(one line), 1 when a job fails."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from artfuse.config import Config, ConfigError, load_config
+
+log = logging.getLogger("artfuse")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2 (argparse prints the whole usage)
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def _print(result: dict) -> None:
+    print(json.dumps(result, indent=1, default=str))
+
+
+def cmd_samples(args: argparse.Namespace) -> None:
+    from artfuse.samples import generate_samples
+
+    _print(generate_samples(args.out, n=args.n, seed=args.seed))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from artfuse.train import train
+
+    _print(train(args.data, args.out, _config(args)))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from artfuse.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.data, _config(args), args.out)
+    _print(
+        {"n": metrics["n"], "split": metrics["split"], "errors": metrics["errors"]}
+        | {t: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for t, m in metrics["tasks"].items()}
+    )
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from artfuse.label import label
+
+    _print(label(args.model, args.input, args.out, _config(args)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from artfuse.demo import demo
+
+    demo(args.out, getattr(args, "set", None) or [])
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML config (sections model, data, train, label, tune, storage)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override one config field by its dotted name, e.g. --set model.fusion=gated (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="artfuse", description="Artwork identification with a CNN + Transformer fusion model on Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
+
+    def command(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command(
+        "samples",
+        cmd_samples,
+        "generate the sample collection (procedural painting 'movements', one folder each)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="URI", help="folder (local path, file:// or s3://) to write into"
+    )
+    p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = command("train", cmd_train, "train a model package on a labelled collection with Ray Train")
+    p.add_argument(
+        "--data", required=True, metavar="URI", help="collection: folder per label, or a CSV/Parquet manifest"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="URI",
+        help="where the package goes; rerun with the same --out to resume",
+    )
+    _with_config(p)
+
+    p = command(
+        "evaluate",
+        cmd_evaluate,
+        "score a model package on a labelled collection (metrics.json + confusion PNGs)",
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="model package folder")
+    p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
+    p.add_argument("--out", metavar="DIR", help="folder for metrics.json and the PNGs")
+    _with_config(p)
+
+    p = command(
+        "label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data"
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="model package folder")
+    p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
+    p.add_argument(
+        "--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)"
+    )
+    _with_config(p)
+
+    p = command("demo", cmd_demo, "samples -> train -> evaluate -> label on generated data, locally")
+    p.add_argument(
+        "--out",
+        default="demo-out",
+        metavar="DIR",
+        help="folder for everything the demo makes (default demo-out)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config field")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        sys.stderr.write(f"artfuse {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"artfuse {args.command}: interrupted\n")
+        return 1
+    except Exception as e:  # noqa: BLE001 - a failed job ends in one line and exit 1; -v shows the traceback
+        if args.verbose:
+            log.exception("job failed")
+        sys.stderr.write(f"artfuse {args.command}: failed: {type(e).__name__}: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

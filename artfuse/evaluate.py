@@ -1,0 +1,85 @@
+"""Evaluate a model package on a labelled collection: metrics.json (DESIGN.md's contract) and confusion PNGs.
+
+When the collection is the one the package was trained on (same fingerprint), only its validation split is
+scored, split exactly as in training; any other collection is scored whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from artfuse.catalog import load_collection
+from artfuse.config import Config, ConfigError
+from artfuse.label import prediction_dataset
+from artfuse.metrics import confusion_matrix, summarize
+from artfuse.package import read_manifest
+from artfuse.plots import plot_confusion
+from artfuse.runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model_uri: str, data_uri: str, cfg: Config, out_dir: str | Path | None = None) -> dict:
+    manifest = read_manifest(model_uri, cfg.storage)
+    vocabs: dict[str, list[str]] = manifest["tasks"]
+    training = manifest.get("training", {})
+    # The split of the training run (seed, fraction), so "val" means the same images it meant there.
+    trained_split = training.get("data_config", {})
+    data_cfg = dataclasses.replace(
+        cfg.data,
+        tasks=list(vocabs),
+        seed=trained_split.get("seed", cfg.data.seed),
+        val_fraction=trained_split.get("val_fraction", cfg.data.val_fraction),
+    )
+    collection = load_collection(data_uri, data_cfg, cfg.storage)
+    missing = [t for t in vocabs if t not in collection.tasks]
+    if missing:
+        raise ConfigError(
+            f"{data_uri} has no label column for task(s) {missing}; the model predicts {list(vocabs)}"
+        )
+    held_out = collection.fingerprint == training.get("fingerprint")
+    truth = collection.subset("val") if held_out else collection.table
+    log.info(
+        "evaluating on %d images (%s)",
+        truth.num_rows,
+        "the training run's validation split" if held_out else "all",
+    )
+
+    ensure_ray()
+    ds = prediction_dataset(truth, model_uri, cfg, run_id="evaluate", labelled_at=datetime.now(UTC))
+    predicted = pa.concat_tables(ray.get(ds.select_columns(["uri", *vocabs, "error"]).to_arrow_refs()))
+    predicted = predicted.rename_columns(["uri", *(f"predicted_{t}" for t in vocabs), "error"])
+    joined = truth.select(["uri", *vocabs]).join(predicted, keys="uri")
+    ok = np.array([e is None for e in joined["error"].to_pylist()], dtype=bool)
+
+    metrics: dict = {
+        "n": int(ok.sum()),
+        "split": "val" if held_out else "all",
+        "errors": int((~ok).sum()),
+        "tasks": {},
+    }
+    for task, vocab in vocabs.items():
+        index = {label: i for i, label in enumerate(vocab)}
+        y_true = [index.get(v, -1) for v in np.asarray(joined[task].to_pylist(), dtype=object)[ok]]
+        y_pred = [index[v] for v in np.asarray(joined[f"predicted_{task}"].to_pylist(), dtype=object)[ok]]
+        known = np.array(y_true) >= 0
+        summary = summarize(
+            confusion_matrix(np.array(y_true)[known], np.array(y_pred)[known], len(vocab)), vocab
+        )
+        summary["unknown_labels"] = int((~known).sum())  # labels the model was never taught
+        metrics["tasks"][task] = summary
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        for task, summary in metrics["tasks"].items():
+            plot_confusion(summary, task, out / f"confusion_{task}.png")
+    return metrics

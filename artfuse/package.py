@@ -1,0 +1,116 @@
+"""The model package: `model.safetensors` + `artfuse.json` in a folder at any URI. Loading never unpickles.
+
+`artfuse.json` holds everything needed to rebuild and run the model (architecture config, tasks and their
+label vocabularies, preprocessing), where it came from (training data fingerprint, metrics, versions) and a
+content hash used as `model_id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from artfuse import storage
+from artfuse.config import ConfigError, ModelConfig, from_dict, to_dict
+from artfuse.models import create_model
+from artfuse.preprocess import Preprocess
+
+FORMAT = "artfuse-package/1"
+WEIGHTS = "model.safetensors"
+MANIFEST = "artfuse.json"
+
+
+@dataclass
+class Package:
+    model: torch.nn.Module
+    model_config: ModelConfig
+    tasks: dict[str, list[str]]  # task -> label vocabulary, in head order
+    preprocess: Preprocess
+    model_id: str
+    meta: dict = field(default_factory=dict)  # the whole artfuse.json
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for dist in ("artfuse", "torch", "timm", "ray"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def save_package(
+    uri: str,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    tasks: dict[str, list[str]],
+    preprocess: Preprocess,
+    *,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    storage_config=None,
+) -> str:
+    """Write the package to `uri`; returns its model_id."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: save the module inside
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = save_safetensors(state)
+    described = {
+        "architecture": to_dict(model_config),
+        "tasks": {task: list(labels) for task, labels in tasks.items()},
+        "preprocess": preprocess.to_dict(),
+    }
+    digest = hashlib.sha256(weights)
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    model_id = digest.hexdigest()[:16]
+    manifest = {
+        "format": FORMAT,
+        "model_id": model_id,
+        **described,
+        "training": training or {},
+        "metrics": metrics or {},
+        "versions": versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    storage.makedirs(uri, storage_config)
+    storage.write_bytes(storage.join(uri, WEIGHTS), weights, storage_config)
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode(), storage_config)
+    return model_id
+
+
+def read_manifest(uri: str, storage_config=None) -> dict:
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path, storage_config):
+        raise ConfigError(f"not a model package (no {MANIFEST}): {uri}")
+    manifest = json.loads(storage.read_bytes(path, storage_config))
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path}: unsupported package format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def load_package(uri: str, storage_config=None, device: str | torch.device = "cpu") -> Package:
+    """Rebuild the model from `artfuse.json` and load its weights (safetensors: tensors only, no code)."""
+    manifest = read_manifest(uri, storage_config)
+    model_config = from_dict(ModelConfig, manifest["architecture"], "architecture.")
+    tasks = {task: list(labels) for task, labels in manifest["tasks"].items()}
+    model = create_model(model_config, {t: len(v) for t, v in tasks.items()}, load_pretrained=False)
+    state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS), storage_config))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Package(
+        model=model,
+        model_config=model_config,
+        tasks=tasks,
+        preprocess=Preprocess.from_dict(manifest["preprocess"]),
+        model_id=manifest["model_id"],
+        meta=manifest,
+    )

@@ -1,0 +1,344 @@
+"""Fine-tune a model package on a labelled collection with Ray Train.
+
+The driver builds the Ray Datasets (decoded once, materialised; augmented by a Ray Data stage each epoch)
+and a `TorchTrainer`; `train_loop` runs on every worker and reads top to bottom: restore, then per epoch
+set the learning rate, forward/backward, clip, step, validate, checkpoint. Checkpoints go to
+`<out>/_train/`; rerunning with the same `--out` resumes from the latest one, and the best epoch
+(validation macro-F1) becomes the package at `<out>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray.train
+import torch
+from ray.experimental.tqdm_ray import tqdm
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from artfuse import stages, storage
+from artfuse.catalog import load_collection
+from artfuse.config import Config, to_dict
+from artfuse.metrics import confusion_matrix, summarize
+from artfuse.models import create_model, data_config
+from artfuse.package import save_package
+from artfuse.plots import plot_history
+from artfuse.preprocess import Preprocess
+from artfuse.runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+DECODE_ROWS_PER_TASK = 32
+
+
+def label_column(task: str) -> str:
+    return f"y_{task}"
+
+
+def preprocess_for(cfg: Config) -> Preprocess:
+    dc = data_config(cfg.model)
+    return Preprocess.for_model(cfg.model.img_size, dc["mean"], dc["std"])
+
+
+def with_label_indices(table: pa.Table, vocabs: dict[str, list[str]]) -> pa.Table:
+    """Keep uri/size and add an int64 class-index column per task."""
+    out = table.select(["uri", "size"])
+    for task, vocab in vocabs.items():
+        index = {label: i for i, label in enumerate(vocab)}
+        out = out.append_column(
+            label_column(task), pa.array([index[v] for v in table[task].to_pylist()], pa.int64())
+        )
+    return out
+
+
+def decoded_dataset(table: pa.Table, preprocess: Preprocess, cfg: Config) -> tuple[ray.data.Dataset, int]:
+    """Decode once at `preprocess.resize`, drop undecodable images, materialise; returns (dataset, dropped)."""
+    ds = stages.dataset_from_table(table, DECODE_ROWS_PER_TASK).map_batches(
+        stages.read_and_decode,
+        fn_kwargs=dict(
+            size=preprocess.resize,
+            max_pixels=cfg.data.max_pixels,
+            max_bytes=cfg.data.max_bytes,
+            storage_config=cfg.storage,
+        ),
+        batch_size=DECODE_ROWS_PER_TASK,
+    )
+    ds = ds.map_batches(stages.drop_failed, batch_size=None).drop_columns(
+        ["uri", "size", "width", "height", "format", "error"]
+    )
+    ds = ds.materialize()
+    return ds, table.num_rows - ds.count()
+
+
+def class_weights(table: pa.Table, vocabs: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Inverse-frequency weights with mean 1 over the classes present (the paper's minority-class weak spot)."""
+    weights = {}
+    for task, vocab in vocabs.items():
+        counts = np.bincount(table[label_column(task)].to_numpy(), minlength=len(vocab)).astype(float)
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+        weights[task] = w.tolist()
+    return weights
+
+
+def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
+    """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
+    started = time.time()
+    collection = load_collection(data_uri, cfg.data, cfg.storage)
+    vocabs = {task: collection.vocabs[task] for task in collection.tasks}
+    preprocess = preprocess_for(cfg)
+    train_table = with_label_indices(collection.subset("train"), vocabs)
+    val_table = with_label_indices(collection.subset("val"), vocabs)
+    log.info(
+        "training on %d images, validating on %d, tasks %s", train_table.num_rows, val_table.num_rows, vocabs
+    )
+
+    ensure_ray()
+    train_ds, dropped_train = decoded_dataset(train_table, preprocess, cfg)
+    val_ds, dropped_val = decoded_dataset(val_table, preprocess, cfg)
+    if dropped_train or dropped_val:
+        log.warning(
+            "%d training and %d validation images could not be decoded and are left out",
+            dropped_train,
+            dropped_val,
+        )
+    # Augmentation runs as its own Ray Data stage, re-executed over the decoded cache every epoch.
+    train_ds = train_ds.randomize_block_order().map_batches(
+        stages.augment, fn_kwargs=dict(img_size=preprocess.img_size), batch_size=cfg.train.batch_size
+    )
+    val_ds = val_ds.map_batches(
+        stages.center_crop, fn_kwargs=dict(img_size=preprocess.img_size), batch_size=None
+    )
+
+    runs_uri = storage.join(out_uri, "_train")
+    fs, runs_path = storage.arrow_filesystem(runs_uri, cfg.storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(
+            cfg=cfg,
+            vocabs=vocabs,
+            preprocess=preprocess,
+            n_train=train_table.num_rows - dropped_train,
+            class_weights=class_weights(train_table, vocabs)
+            if cfg.train.class_balance == "weighted"
+            else None,
+        ),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="run",
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # The best epoch by val macro-F1 is kept, and Ray always keeps the latest too (for resuming).
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"
+            ),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Every worker validates on the whole (small) validation set, so no metric needs all-reducing.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])
+    with best_checkpoint.as_directory() as best_dir:
+        best_state = load_file(Path(best_dir) / "model.safetensors")
+        best = json.loads((Path(best_dir) / "state.json").read_text())
+    with result.checkpoint.as_directory() as last_dir:
+        history = json.loads((Path(last_dir) / "state.json").read_text())["history"]
+
+    model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()}, load_pretrained=False)
+    model.load_state_dict(best_state)
+    model_id = save_package(
+        out_uri,
+        model,
+        cfg.model,
+        vocabs,
+        preprocess,
+        training=dict(
+            data=data_uri,
+            fingerprint=collection.fingerprint,
+            n_train=train_table.num_rows - dropped_train,
+            n_val=val_table.num_rows - dropped_val,
+            best_epoch=best_metrics["epoch"],
+            epochs=cfg.train.epochs,
+            data_config=to_dict(cfg.data),
+            train_config=to_dict(cfg.train),
+        ),
+        metrics=best["val"],
+        storage_config=cfg.storage,
+    )
+    storage.write_bytes(
+        storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_history(history, Path(tmp) / "curves.png")
+        storage.write_bytes(
+            storage.join(out_uri, "curves.png"), (Path(tmp) / "curves.png").read_bytes(), cfg.storage
+        )
+    summary = {
+        "package": out_uri,
+        "model_id": model_id,
+        "best_epoch": best_metrics["epoch"],
+        "val_accuracy": best_metrics["val_accuracy"],
+        "val_macro_f1": best_metrics["val_macro_f1"],
+        "n_train": train_table.num_rows - dropped_train,
+        "n_val": val_table.num_rows - dropped_val,
+        "undecodable": dropped_train + dropped_val,
+        "epochs_run": len(history),
+        "train_img_s": history[-1]["train_img_s"] if history else None,
+        "duration_s": round(time.time() - started, 1),
+    }
+    storage.write_bytes(
+        storage.join(out_uri, "train_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage
+    )
+    return summary
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """A pretrained backbone learns slower; norms, biases and embeddings get no weight decay."""
+    # transformer_only has no ImageNet weights: its "backbone" trains from scratch unless given a weight file.
+    pretrained = cfg.model.pretrained != "none" and not (
+        cfg.model.arch == "transformer_only" and cfg.model.pretrained == "imagenet"
+    )
+    backbone_scale = cfg.train.backbone_lr_scale if pretrained else 1.0
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = backbone_scale if name.startswith("backbone.") else 1.0
+        decay = 0.0 if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else cfg.train.weight_decay
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to lr_min_ratio * lr."""
+    if step < warmup:
+        return cfg.train.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = cfg.train.lr * cfg.train.lr_min_ratio
+    return floor + (cfg.train.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.inference_mode()
+def validate(
+    model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, device, batch_size: int
+) -> dict:
+    model.eval()
+    truth: dict[str, list] = {t: [] for t in vocabs}
+    predicted: dict[str, list] = {t: [] for t in vocabs}
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        logits = model(preprocess.to_tensor(batch["image"], device))
+        for task in vocabs:
+            truth[task].append(batch[label_column(task)])
+            predicted[task].append(logits[task].argmax(1).cpu().numpy())
+    tasks = {}
+    for task, vocab in vocabs.items():
+        y, p = np.concatenate(truth[task]), np.concatenate(predicted[task])
+        tasks[task] = summarize(confusion_matrix(y, p, len(vocab)), vocab)
+    return {"n": int(sum(len(b) for b in truth[next(iter(vocabs))])), "tasks": tasks}
+
+
+def train_loop(config: dict) -> None:
+    cfg: Config = config["cfg"]
+    vocabs: dict[str, list[str]] = config["vocabs"]
+    preprocess: Preprocess = config["preprocess"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = getattr(model, "module", model)  # DDP wraps the model when world > 1
+    forward = torch.compile(model) if cfg.train.compile else model
+    optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=cfg.train.lr)
+    weights = config["class_weights"] or {}
+    losses = {
+        task: torch.nn.CrossEntropyLoss(
+            weight=torch.tensor(weights[task], device=device) if task in weights else None,
+            label_smoothing=cfg.train.label_smoothing,
+        )
+        for task in vocabs
+    }
+    steps_per_epoch = math.ceil(config["n_train"] / world / cfg.train.batch_size)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            core.load_state_dict(load_file(Path(d) / "model.safetensors", device=str(device)))
+            optimizer.load_state_dict(
+                torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True)
+            )
+            state = json.loads((Path(d) / "state.json").read_text())
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}: starting epoch {start_epoch + 1}")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
+        )
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") if rank == 0 else None
+        for step, batch in enumerate(batches):
+            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            x = preprocess.to_tensor(batch["image"], device)
+            with autocast:
+                logits = forward(x)
+                loss = sum(losses[t](logits[t].float(), batch[label_column(t)].to(device)) for t in vocabs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            seen += len(x)
+            loss_sum += loss.item() * len(x)
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        val = validate(core, val_shard, preprocess, vocabs, device, cfg.train.batch_size)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "lr": lr,
+            "train_img_s": round(seen * world / elapsed, 2),
+            "val_accuracy": float(np.mean([v["accuracy"] for v in val["tasks"].values()])),
+            "val_macro_f1": float(np.mean([v["macro_f1"] for v in val["tasks"].values()])),
+        }
+        history.append(metrics)
+        print(json.dumps(metrics))
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
+                    Path(d) / "model.safetensors",
+                )
+                torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
+                (Path(d) / "state.json").write_text(
+                    json.dumps({"epoch": epoch, "history": history, "val": val})
+                )
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)

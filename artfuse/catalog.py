@@ -1,0 +1,293 @@
+"""A collection -> an Arrow table of (uri, size, etag, a label column per task, split), plus vocabularies.
+
+A collection is a folder with one sub-folder per label (one task, `label`) or a CSV/Parquet manifest with a
+`path` column and one column per task; manifest paths are relative to the manifest's folder or absolute
+URIs. Sizes and etags come from one listing of the root, never a request per object. The split is
+stratified on the first task and decided per image by a seeded hash of its path below the root, so it is
+deterministic and the same for a local copy and an S3 copy of a collection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from artfuse import storage as st
+from artfuse.config import ConfigError, DataConfig, StorageConfig
+from artfuse.images import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+FOLDER_TASK = "label"
+SPLITS = ("train", "val")
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+# manifest columns that describe the object, not a label of it
+RESERVED_COLUMNS = frozenset("path uri split size etag mtime format width height sha256 md5 error id".split())
+# what a labelling job skips in an input folder: everything else gets a row, decodable or not
+NON_IMAGE_SUFFIXES = (
+    ".csv", ".tsv", ".parquet", ".pq", ".json", ".jsonl", ".txt", ".md", ".rst", ".yaml", ".yml",
+    ".toml", ".xml", ".html", ".htm", ".py", ".sh", ".log", ".pdf", ".zip", ".gz", ".tar",
+)  # fmt: skip
+
+
+@dataclass
+class Collection:
+    root: str  # canonical URI of the folder the collection lives in (a manifest's folder)
+    table: pa.Table  # uri, size, etag, one string column per task, split ("train" / "val"); sorted by uri
+    tasks: list[str]
+    vocabs: dict[str, list[str]]  # sorted labels per task
+
+    @property
+    def fingerprint(self) -> str:
+        """Short sha256 over the sorted (uri, etag, labels) rows: changes when an image or a label does."""
+        digest = hashlib.sha256("\x1f".join(self.tasks).encode())
+        columns = [self.table.column(name).to_pylist() for name in ("uri", "etag", *self.tasks)]
+        for row in sorted(zip(*columns, strict=True)):
+            digest.update(("\x1e" + "\x1f".join(row)).encode())
+        return digest.hexdigest()[:16]
+
+    def subset(self, split: str) -> pa.Table:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.table.filter(pc.equal(self.table.column("split"), split))
+
+
+def load_collection(uri: str, data: DataConfig, storage: StorageConfig | None = None) -> Collection:
+    """Load a folder-per-label tree or a CSV/Parquet manifest as a split, labelled collection."""
+    if _is_manifest(uri):
+        root = posixpath.dirname(st.canonical_uri(uri))
+        manifest = _read_manifest(uri, storage)
+        tasks = _select_tasks(manifest.column_names, data.tasks, uri)
+        uris = _manifest_uris(manifest, root, uri)
+        sizes, etags = _sizes_and_etags(uris, root, uri, storage)
+        labels = {task: _labels(manifest, task, uris, uri) for task in tasks}
+        given_split = _given_split(manifest, uris, uri) if "split" in manifest.column_names else None
+    else:
+        root = st.canonical_uri(uri)
+        if data.tasks and list(data.tasks) != [FOLDER_TASK]:
+            raise ConfigError(
+                f"{uri} is a folder-per-label collection, whose one task is '{FOLDER_TASK}'; "
+                f"data.tasks={data.tasks} asks for others (set data.tasks=[] or use a manifest)"
+            )
+        tasks = [FOLDER_TASK]
+        uris, sizes, etags, folder_labels = _folder_rows(uri, root, storage)
+        labels = {FOLDER_TASK: folder_labels}
+        given_split = None
+    if not uris:
+        raise ConfigError(
+            f"the collection {uri} is empty: expected one sub-folder per label holding "
+            f"{'/'.join(IMAGE_SUFFIXES)} files, or a manifest with rows"
+        )
+    duplicate, count = Counter(uris).most_common(1)[0] if uris else ("", 0)
+    if count > 1:
+        raise ConfigError(f"{uri} lists {duplicate} more than once: each image may appear once")
+    keys = [_key_below(root, u) for u in uris]
+    split = given_split or _stratified_split(keys, labels[tasks[0]], tasks[0], data)
+    table = pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "size": pa.array(sizes, pa.int64()),
+            "etag": pa.array(etags, pa.string()),
+            **{task: pa.array(labels[task], pa.string()) for task in tasks},
+            "split": pa.array(split, pa.string()),
+        }
+    ).sort_by("uri")
+    vocabs = {task: sorted(set(labels[task])) for task in tasks}
+    return Collection(root=root, table=table, tasks=tasks, vocabs=vocabs)
+
+
+def list_inputs(uri: str, storage: StorageConfig | None = None) -> pa.Table:
+    """(uri, size, etag) of every input to label: a manifest's paths, or every file under a folder except
+    hidden ones and obvious non-images (.csv, .json, .txt, ...); a `.jpg` that is really garbage is kept,
+    so the labelling job can give it an error row."""
+    if _is_manifest(uri):
+        root = posixpath.dirname(st.canonical_uri(uri))
+        uris = sorted(_manifest_uris(_read_manifest(uri, storage), root, uri))
+        sizes, etags = _sizes_and_etags(uris, root, uri, storage)
+        return pa.table(
+            {
+                "uri": pa.array(uris, pa.string()),
+                "size": pa.array(sizes, pa.int64()),
+                "etag": pa.array(etags, pa.string()),
+            }
+        )
+    root = st.canonical_uri(uri)
+    listing = st.list_objects(uri, storage)
+    keep = [
+        not _is_hidden(_key_below(root, u)) and not u.lower().endswith(NON_IMAGE_SUFFIXES)
+        for u in listing.column("uri").to_pylist()
+    ]
+    return listing.filter(pa.array(keep, pa.bool_()))
+
+
+def _is_manifest(uri: str) -> bool:
+    return uri.lower().rstrip("/").endswith(MANIFEST_SUFFIXES)
+
+
+def _folder_rows(
+    uri: str, root: str, storage: StorageConfig | None
+) -> tuple[list[str], list[int], list[str], list[str]]:
+    listing = st.list_objects(uri, storage, suffixes=IMAGE_SUFFIXES)
+    uris, sizes, etags, labels = [], [], [], []
+    stray = 0
+    for u, size, etag in zip(*(listing.column(c).to_pylist() for c in ("uri", "size", "etag")), strict=True):
+        key = _key_below(root, u)
+        if _is_hidden(key):
+            continue
+        if "/" not in key:
+            stray += 1
+            continue
+        uris.append(u)
+        sizes.append(size)
+        etags.append(etag)
+        labels.append(key.split("/", 1)[0])
+    if stray:
+        logger.warning("%s: skipped %d image(s) directly in the root, outside any label folder", uri, stray)
+    return uris, sizes, etags, labels
+
+
+def _read_manifest(uri: str, storage: StorageConfig | None) -> pa.Table:
+    """The manifest with every column as strings (labels such as "01" or "1905" must stay as written)."""
+    try:
+        raw = st.read_bytes(uri, storage)
+    except FileNotFoundError:
+        raise ConfigError(f"manifest not found: {uri}") from None
+    try:
+        if uri.lower().endswith(".csv"):
+            names = pacsv.open_csv(pa.BufferReader(raw)).schema.names
+            as_strings = pacsv.ConvertOptions(column_types={name: pa.string() for name in names})
+            table = pacsv.read_csv(pa.BufferReader(raw), convert_options=as_strings)
+        else:
+            table = pq.read_table(pa.BufferReader(raw))
+            table = pa.table({name: pc.cast(table.column(name), pa.string()) for name in table.column_names})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ConfigError(f"manifest {uri} cannot be read: {e}") from None
+    if "path" not in table.column_names:
+        raise ConfigError(
+            f"manifest {uri} has no 'path' column (columns: {', '.join(table.column_names)}): "
+            "add one with each image's path relative to the manifest or its URI"
+        )
+    return table
+
+
+def _select_tasks(columns: list[str], wanted: list[str], manifest_uri: str) -> list[str]:
+    label_columns = [c for c in columns if c.strip() and not _is_reserved(c)]
+    for task in wanted:
+        if task not in label_columns:
+            raise ConfigError(
+                f"unknown label column '{task}' in {manifest_uri} "
+                f"(label columns: {', '.join(label_columns) or 'none'}): fix data.tasks"
+            )
+    if wanted:
+        return list(wanted)
+    if not label_columns:
+        raise ConfigError(
+            f"manifest {manifest_uri} has no label columns (columns: {', '.join(columns)}): "
+            "add one column per task beside 'path'"
+        )
+    return label_columns
+
+
+def _manifest_uris(manifest: pa.Table, root: str, manifest_uri: str) -> list[str]:
+    uris = []
+    for row, path in enumerate(manifest.column("path").to_pylist(), start=1):
+        if not path:
+            raise ConfigError(f"row {row} of {manifest_uri} has an empty path")
+        if "://" in path or path.startswith("/"):
+            uris.append(st.canonical_uri(path))
+            continue
+        relative = posixpath.normpath(path)
+        if relative == ".." or relative.startswith("../"):
+            raise ConfigError(
+                f"path {path!r} on row {row} of {manifest_uri} escapes the manifest's folder {root}: "
+                "use a path below it or an absolute URI"
+            )
+        uris.append(st.join(root, relative))
+    return uris
+
+
+def _sizes_and_etags(
+    uris: list[str], root: str, manifest_uri: str, storage: StorageConfig | None
+) -> tuple[list[int], list[str]]:
+    """Size and etag of each manifest object from one listing of the root (plus one per folder outside it)."""
+    known = _listing_by_uri(root, storage)
+    outside_folders = {posixpath.dirname(u) for u in uris if u not in known and not u.startswith(root + "/")}
+    for folder in sorted(outside_folders):
+        try:
+            known.update(_listing_by_uri(folder, storage))
+        except ConfigError:
+            pass  # reported below, by object
+    missing = [u for u in uris if u not in known]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ConfigError(f"{len(missing)} path(s) in manifest {manifest_uri} not found: {shown}")
+    return [known[u][0] for u in uris], [known[u][1] for u in uris]
+
+
+def _listing_by_uri(uri: str, storage: StorageConfig | None) -> dict[str, tuple[int, str]]:
+    listing = st.list_objects(uri, storage)
+    columns = (listing.column(c).to_pylist() for c in ("uri", "size", "etag"))
+    return {u: (size, etag) for u, size, etag in zip(*columns, strict=True)}
+
+
+def _labels(manifest: pa.Table, task: str, uris: list[str], manifest_uri: str) -> list[str]:
+    labels = manifest.column(task).to_pylist()
+    unlabelled = [u for u, label in zip(uris, labels, strict=True) if not label]
+    if unlabelled:
+        raise ConfigError(
+            f"{len(unlabelled)} row(s) of {manifest_uri} have no '{task}' label, e.g. {unlabelled[0]}: "
+            "fill them in or drop those rows"
+        )
+    return labels
+
+
+def _given_split(manifest: pa.Table, uris: list[str], manifest_uri: str) -> list[str]:
+    split = [(s or "").strip().lower() for s in manifest.column("split").to_pylist()]
+    for u, value in zip(uris, split, strict=True):
+        if value not in SPLITS:
+            raise ConfigError(
+                f"the split column of {manifest_uri} says {value!r} for {u}: each row must be train or val"
+            )
+    return split
+
+
+def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataConfig) -> list[str]:
+    """Per label, the val_fraction of images with the lowest seeded hash of their key go to val."""
+    rows_by_label: dict[str, list[int]] = defaultdict(list)
+    for row, label in enumerate(labels):
+        rows_by_label[label].append(row)
+    split = ["train"] * len(keys)
+    for label, rows in sorted(rows_by_label.items()):
+        if len(rows) < 2:
+            raise ConfigError(
+                f"label '{label}' of task '{task}' has {len(rows)} image; at least 2 are needed to split "
+                "into train and val: add images, drop the label, or give the manifest a split column"
+            )
+        n_val = min(len(rows) - 1, max(1, round(len(rows) * data.val_fraction)))
+        ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{data.seed}\0{keys[row]}".encode()).digest())
+        for row in ranked[:n_val]:
+            split[row] = "val"
+    return split
+
+
+def _key_below(root: str, uri: str) -> str:
+    """`uri` relative to `root` when below it (so copies of a collection agree), else `uri` itself."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+
+def _is_reserved(column: str) -> bool:
+    # pandas leaves "Unnamed: 0" index columns in CSVs and "__index_level_0__" in Parquet
+    return column.lower() in RESERVED_COLUMNS or column.startswith(("Unnamed:", "__"))
+
+
+def _is_hidden(key: str) -> bool:
+    return any(part.startswith(".") for part in key.split("/"))

@@ -1,0 +1,173 @@
+"""URI -> filesystem: local paths, file:// and s3://, the one place artfuse touches storage.
+
+S3 goes through s3fs (and pyarrow's S3FileSystem where Ray wants an Arrow filesystem). The endpoint comes
+from the config or AWS_ENDPOINT_URL(_S3); region and credentials come from the standard AWS chain and are
+never logged. Filesystem instances are cached by fsspec itself, per process, so Ray workers build their own.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from artfuse.config import ConfigError, StorageConfig
+
+S3_PREFIX = "s3://"
+FILE_PREFIX = "file://"
+
+
+def canonical_uri(uri: str) -> str:
+    """The form `list_objects` reports: "s3://bucket/key", or an absolute local path (file:// dropped)."""
+    if uri.startswith(S3_PREFIX):
+        return S3_PREFIX + _s3_path(uri)
+    return _local_path(uri)
+
+
+def storage_options(storage: StorageConfig | None = None) -> dict:
+    """Keyword arguments for s3fs.S3FileSystem (also usable as `storage_options` for pandas/Ray)."""
+    cfg = storage or StorageConfig()
+    options: dict = {"anon": cfg.anon, "use_listings_cache": False}  # nightly jobs must see new objects
+    endpoint = _endpoint_url(cfg)
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if cfg.region:
+        options["client_kwargs"] = {"region_name": cfg.region}
+    return options
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path to use with it ("bucket/key" for S3)."""
+    if uri.startswith(S3_PREFIX):
+        return fsspec.filesystem("s3", **storage_options(storage)), _s3_path(uri)
+    return fsspec.filesystem("file"), _local_path(uri)
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for `uri`, for Ray Data's Parquet I/O and Ray Train's storage."""
+    if not uri.startswith(S3_PREFIX):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    cfg = storage or StorageConfig()
+    kwargs: dict = {"anonymous": cfg.anon}
+    endpoint = _endpoint_url(cfg)
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["scheme"] = parts.scheme
+        kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), _s3_path(uri)
+
+
+def list_objects(
+    uri: str, storage: StorageConfig | None = None, *, suffixes: tuple[str, ...] | None = None
+) -> pa.Table:
+    """Every object under `uri` (recursive; a file lists itself) as a table of uri, size, etag, sorted by uri.
+
+    One paginated listing (no request per object). `etag` is the S3 ETag, or for local files the mtime in
+    nanoseconds, so that a changed object gets a new value. `suffixes` keeps names ending in one of them,
+    ignoring case.
+    """
+    fs, path = resolve(uri, storage)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except PermissionError as e:
+        raise ConfigError(f"access denied listing {uri}: check the AWS credentials and bucket policy") from e
+    if not found and not fs.exists(path):
+        raise ConfigError(f"collection path not found: {uri}")
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    rows = sorted(
+        (_to_uri(uri, name), int(info["size"]), _etag(info))
+        for name, info in found.items()
+        if info.get("type") != "directory" and (wanted is None or name.lower().endswith(wanted))
+    )
+    uris, sizes, etags = zip(*rows, strict=True) if rows else ((), (), ())
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "size": pa.array(sizes, pa.int64()),
+            "etag": pa.array(etags, pa.string()),
+        }
+    )
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write `data` to `uri`, creating parent folders; never leaves a half-written object behind."""
+    fs, path = resolve(uri, storage)
+    if uri.startswith(S3_PREFIX):
+        fs.pipe_file(path, data)  # an S3 PUT is atomic already
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        fs.pipe_file(partial, data)
+        os.replace(partial, path)
+    finally:
+        if fs.exists(partial):
+            fs.rm_file(partial)
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = resolve(uri, storage)
+    return fs.exists(path)
+
+
+def makedirs(uri: str, storage: StorageConfig | None = None) -> None:
+    fs, path = resolve(uri, storage)
+    fs.makedirs(path, exist_ok=True)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with "/" ("s3://b/x" + "y/z.jpg" -> "s3://b/x/y/z.jpg")."""
+    pieces = [p.strip("/") for p in parts if p.strip("/")]
+    if not pieces:
+        return uri
+    base = uri.rstrip("/") if uri.rstrip("/") else "/"
+    separator = "" if base.endswith("/") else "/"
+    return base + separator + "/".join(pieces)
+
+
+def _s3_path(uri: str) -> str:
+    path = uri[len(S3_PREFIX) :].strip("/")
+    if not path:
+        raise ConfigError(f"an S3 URI needs a bucket: {uri!r} (e.g. s3://my-bucket/collection)")
+    return path
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith(FILE_PREFIX):
+        uri = uri[len(FILE_PREFIX) :]  # as fsspec does: no percent-decoding, file names may contain "%"
+    elif "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(
+            f"unsupported URI scheme '{scheme}://' in {uri}: use a local path, file:// or s3://"
+        )
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _to_uri(requested: str, path: str) -> str:
+    return S3_PREFIX + path if requested.startswith(S3_PREFIX) else path
+
+
+def _etag(info: dict) -> str:
+    if "ETag" in info:
+        return str(info["ETag"]).strip('"')
+    return str(round(float(info["mtime"]) * 1e9))
+
+
+def _endpoint_url(cfg: StorageConfig) -> str:
+    env = os.environ
+    return cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""

@@ -1,0 +1,55 @@
+"""Shared fixtures: a local S3 server and the real painting sets."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 endpoint on 127.0.0.1 (moto's ThreadedMotoServer on a free port); yields its URL.
+
+    For the session, AWS_ENDPOINT_URL points at it and fake credentials replace any real ones, so nothing
+    can reach AWS itself.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            env.delenv(name, raising=False)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new empty bucket on the local S3 server; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def paintings() -> Path:
+    """../shared/data/paintings (or $ARTFUSE_PAINTINGS); skips the test where it is absent."""
+    path = Path(os.environ.get("ARTFUSE_PAINTINGS") or PAINTINGS)
+    if not path.is_dir():
+        pytest.skip(f"the real painting sets are absent ({path})")
+    return path

@@ -224,9 +224,7 @@ def render(movement: str, index: int, seed: int = 0, size_range: tuple[int, int]
     return GENERATORS[movement](rng, w, h, _palette(rng))
 
 
-def generate_samples(
-    out: str, n: int = 240, seed: int = 0, *, size_range: tuple[int, int] = (160, 320)
-) -> dict:
+def generate_samples(out: str, n: int = 240, seed: int = 0, *, size_range: tuple[int, int] = (160, 320)) -> dict:
     """Write n // len(MOVEMENTS) images per movement to `out`/<movement>/<name>.jpg|.png.
 
     `out` is a local path or a URI (s3://, file://); remote collections are written locally, then uploaded.

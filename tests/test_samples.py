@@ -140,34 +140,17 @@ def test_learnable_from_texture_and_layout_but_not_from_colour_alone(collection)
     assert colour < 0.75 and full - colour > 0.15, f"colour-only {colour:.2f} vs full {full:.2f}"
 
 
-def test_s3_uri_uploads_the_same_collection(tmp_path, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for key, value in {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached client may point at another test's endpoint
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="museum")
-        generate_samples("s3://museum/samples", n=12, seed=0, size_range=SMALL)
-        generate_samples(str(tmp_path), n=12, seed=0, size_range=SMALL)
-        listed = client.list_objects_v2(Bucket="museum", Prefix="samples/")["Contents"]
-        uploaded = {
-            obj["Key"].removeprefix("samples/"): hashlib.sha256(
-                client.get_object(Bucket="museum", Key=obj["Key"])["Body"].read()
-            ).hexdigest()
-            for obj in listed
-        }
-        assert uploaded == _digest(tmp_path)
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
+def test_s3_uri_uploads_the_same_collection(tmp_path, s3_server, s3_bucket):
+    import boto3
+
+    generate_samples(f"s3://{s3_bucket}/samples", n=12, seed=0, size_range=SMALL)
+    generate_samples(str(tmp_path), n=12, seed=0, size_range=SMALL)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="samples/")["Contents"]
+    uploaded = {
+        obj["Key"].removeprefix("samples/"): hashlib.sha256(
+            client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
+        ).hexdigest()
+        for obj in listed
+    }
+    assert uploaded == _digest(tmp_path)

@@ -1,0 +1,15 @@
+"""`ray job submit` entrypoint: train a model package on a labelled collection.
+
+Takes the arguments of `artfuse train`: python jobs/train.py --help
+"""
+
+import sys
+from pathlib import Path
+
+# Run the artfuse shipped beside this file (the job's working_dir), not an older installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from artfuse.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -56,6 +56,14 @@ def cmd_label(args: argparse.Namespace) -> None:
     _print(label(args.model, args.input, args.out, _config(args)))
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from artfuse.submit import submit_job
+
+    return submit_job(
+        args.job, args.address, args.job_args, wait=not args.no_wait, forward_credentials=args.forward_credentials
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from artfuse.demo import demo
 
@@ -63,9 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", metavar="FILE", help="YAML config (sections model, data, train, label, tune, storage)"
-    )
+    p.add_argument("--config", metavar="FILE", help="YAML config (sections model, data, train, label, tune, storage)")
     p.add_argument(
         "--set",
         action="append",
@@ -76,9 +82,7 @@ def _with_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="artfuse", description="Artwork identification with a CNN + Transformer fusion model on Ray."
-    )
+    parser = Parser(prog="artfuse", description="Artwork identification with a CNN + Transformer fusion model on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
 
@@ -92,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_samples,
         "generate the sample collection (procedural painting 'movements', one folder each)",
     )
-    p.add_argument(
-        "--out", required=True, metavar="URI", help="folder (local path, file:// or s3://) to write into"
-    )
+    p.add_argument("--out", required=True, metavar="URI", help="folder (local path, file:// or s3://) to write into")
     p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -120,15 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and the PNGs")
     _with_config(p)
 
-    p = command(
-        "label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data"
-    )
+    p = command("label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data")
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
-    p.add_argument(
-        "--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)"
-    )
+    p.add_argument("--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)")
     _with_config(p)
+
+    p = command(
+        "submit",
+        cmd_submit,
+        "submit a job (train, tune, label, evaluate) to a Ray cluster and follow it; "
+        "every argument after the options goes to the job, e.g. "
+        "artfuse submit label --address http://head:8265 --model s3://m --input s3://in --out s3://out",
+    )
+    p.add_argument("job", choices=["train", "tune", "label", "evaluate"], help="which jobs/<JOB>.py to run")
+    p.add_argument(
+        "--address", required=True, metavar="URL", help="the cluster's dashboard, e.g. http://127.0.0.1:8265"
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
+    p.add_argument("--forward-credentials", action="store_true", help="pass this shell's AWS credentials to the job")
 
     p = command("demo", cmd_demo, "samples -> train -> evaluate -> label on generated data, locally")
     p.add_argument(
@@ -143,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "submit":
+        args.job_args = unknown  # everything `submit` does not know belongs to the job
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        args.fn(args)
+        status = args.fn(args)
     except ConfigError as e:
         sys.stderr.write(f"artfuse {args.command}: error: {e}\n")
         return 2
@@ -160,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("job failed")
         sys.stderr.write(f"artfuse {args.command}: failed: {type(e).__name__}: {e}\n")
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

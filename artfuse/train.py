@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from artfuse import stages, storage
-from artfuse.catalog import load_collection
+from artfuse.catalog import Collection, load_collection
 from artfuse.config import Config, to_dict
 from artfuse.metrics import confusion_matrix, summarize
 from artfuse.models import create_model, data_config
@@ -53,28 +54,26 @@ def with_label_indices(table: pa.Table, vocabs: dict[str, list[str]]) -> pa.Tabl
     out = table.select(["uri", "size"])
     for task, vocab in vocabs.items():
         index = {label: i for i, label in enumerate(vocab)}
-        out = out.append_column(
-            label_column(task), pa.array([index[v] for v in table[task].to_pylist()], pa.int64())
-        )
+        out = out.append_column(label_column(task), pa.array([index[v] for v in table[task].to_pylist()], pa.int64()))
     return out
 
 
-def decoded_dataset(table: pa.Table, preprocess: Preprocess, cfg: Config) -> tuple[ray.data.Dataset, int]:
-    """Decode once at `preprocess.resize`, drop undecodable images, materialise; returns (dataset, dropped)."""
+def decoded_dataset(table: pa.Table, size: int, crop: int | None, cfg: Config) -> tuple[ray.data.Dataset, int]:
+    """Decode once at `size` (centre-cropped to `crop` when given), drop undecodable images, materialise.
+
+    Returns (dataset, number dropped). The materialised blocks are the decode cache every epoch reads.
+    """
     ds = stages.dataset_from_table(table, DECODE_ROWS_PER_TASK).map_batches(
         stages.read_and_decode,
         fn_kwargs=dict(
-            size=preprocess.resize,
-            max_pixels=cfg.data.max_pixels,
-            max_bytes=cfg.data.max_bytes,
-            storage_config=cfg.storage,
+            size=size, max_pixels=cfg.data.max_pixels, max_bytes=cfg.data.max_bytes, storage_config=cfg.storage
         ),
         batch_size=DECODE_ROWS_PER_TASK,
     )
-    ds = ds.map_batches(stages.drop_failed, batch_size=None).drop_columns(
-        ["uri", "size", "width", "height", "format", "error"]
-    )
-    ds = ds.materialize()
+    ds = ds.map_batches(stages.drop_failed, batch_size=None)
+    if crop:
+        ds = ds.map_batches(stages.center_crop, fn_kwargs=dict(img_size=crop), batch_size=None)
+    ds = ds.drop_columns(["uri", "size", "width", "height", "format", "error"]).materialize()
     return ds, table.num_rows - ds.count()
 
 
@@ -88,47 +87,71 @@ def class_weights(table: pa.Table, vocabs: dict[str, list[str]]) -> dict[str, li
     return weights
 
 
-def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
-    """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
-    started = time.time()
+@dataclass
+class TrainInputs:
+    """What the driver prepares once per collection: reusable by every trial of a search at the same img_size."""
+
+    data_uri: str
+    collection: Collection
+    vocabs: dict[str, list[str]]
+    preprocess: Preprocess
+    train: ray.data.Dataset  # decoded at preprocess.resize; augmented per epoch by make_trainer's stage
+    val: ray.data.Dataset  # decoded and centre-cropped to preprocess.img_size
+    n_train: int
+    n_val: int
+    undecodable: int
+    class_weights: dict[str, list[float]]
+
+
+def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
     collection = load_collection(data_uri, cfg.data, cfg.storage)
     vocabs = {task: collection.vocabs[task] for task in collection.tasks}
     preprocess = preprocess_for(cfg)
     train_table = with_label_indices(collection.subset("train"), vocabs)
     val_table = with_label_indices(collection.subset("val"), vocabs)
-    log.info(
-        "training on %d images, validating on %d, tasks %s", train_table.num_rows, val_table.num_rows, vocabs
-    )
-
+    log.info("training on %d images, validating on %d, tasks %s", train_table.num_rows, val_table.num_rows, vocabs)
     ensure_ray()
-    train_ds, dropped_train = decoded_dataset(train_table, preprocess, cfg)
-    val_ds, dropped_val = decoded_dataset(val_table, preprocess, cfg)
+    train_ds, dropped_train = decoded_dataset(train_table, preprocess.resize, None, cfg)
+    val_ds, dropped_val = decoded_dataset(val_table, preprocess.resize, preprocess.img_size, cfg)
     if dropped_train or dropped_val:
-        log.warning(
-            "%d training and %d validation images could not be decoded and are left out",
-            dropped_train,
-            dropped_val,
-        )
-    # Augmentation runs as its own Ray Data stage, re-executed over the decoded cache every epoch.
-    train_ds = train_ds.randomize_block_order().map_batches(
-        stages.augment, fn_kwargs=dict(img_size=preprocess.img_size), batch_size=cfg.train.batch_size
-    )
-    val_ds = val_ds.map_batches(
-        stages.center_crop, fn_kwargs=dict(img_size=preprocess.img_size), batch_size=None
+        log.warning("%d training and %d validation images could not be decoded; left out", dropped_train, dropped_val)
+    return TrainInputs(
+        data_uri=data_uri,
+        collection=collection,
+        vocabs=vocabs,
+        preprocess=preprocess,
+        train=train_ds,
+        val=val_ds,
+        n_train=train_table.num_rows - dropped_train,
+        n_val=val_table.num_rows - dropped_val,
+        undecodable=dropped_train + dropped_val,
+        class_weights=class_weights(train_table, vocabs),
     )
 
-    runs_uri = storage.join(out_uri, "_train")
+
+def make_trainer(
+    inputs: TrainInputs, cfg: Config, runs_uri: str, *, name: str = "run", callbacks: list | None = None
+) -> TorchTrainer:
+    """A TorchTrainer whose checkpoints live under `runs_uri/name` (rerun with the same pair to resume)."""
+    augmented = inputs.train.randomize_block_order()
+    if cfg.train.augment:
+        # Its own Ray Data stage, re-executed over the decoded cache every epoch: fresh crops each time.
+        augmented = augmented.map_batches(
+            stages.augment, fn_kwargs=dict(img_size=inputs.preprocess.img_size), batch_size=cfg.train.batch_size
+        )
+    else:
+        augmented = augmented.map_batches(
+            stages.center_crop, fn_kwargs=dict(img_size=inputs.preprocess.img_size), batch_size=None
+        )
     fs, runs_path = storage.arrow_filesystem(runs_uri, cfg.storage)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=dict(
             cfg=cfg,
-            vocabs=vocabs,
-            preprocess=preprocess,
-            n_train=train_table.num_rows - dropped_train,
-            class_weights=class_weights(train_table, vocabs)
-            if cfg.train.class_balance == "weighted"
-            else None,
+            vocabs=inputs.vocabs,
+            preprocess=inputs.preprocess,
+            n_train=inputs.n_train,
+            class_weights=inputs.class_weights if cfg.train.class_balance == "weighted" else None,
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -136,7 +159,7 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name="run",
+            name=name,
             storage_path=runs_path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -144,12 +167,16 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"
             ),
+            callbacks=callbacks,
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": augmented, "val": inputs.val},
         # Every worker validates on the whole (small) validation set, so no metric needs all-reducing.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+
+
+def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, out_uri: str) -> dict:
+    """The best epoch of `result` as a model package at `out_uri`, with history.json and curves.png beside it."""
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])
     with best_checkpoint.as_directory() as best_dir:
         best_state = load_file(Path(best_dir) / "model.safetensors")
@@ -157,19 +184,19 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
     with result.checkpoint.as_directory() as last_dir:
         history = json.loads((Path(last_dir) / "state.json").read_text())["history"]
 
-    model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()}, load_pretrained=False)
+    model = create_model(cfg.model, {t: len(v) for t, v in inputs.vocabs.items()}, load_pretrained=False)
     model.load_state_dict(best_state)
     model_id = save_package(
         out_uri,
         model,
         cfg.model,
-        vocabs,
-        preprocess,
+        inputs.vocabs,
+        inputs.preprocess,
         training=dict(
-            data=data_uri,
-            fingerprint=collection.fingerprint,
-            n_train=train_table.num_rows - dropped_train,
-            n_val=val_table.num_rows - dropped_val,
+            data=inputs.data_uri,
+            fingerprint=inputs.collection.fingerprint,
+            n_train=inputs.n_train,
+            n_val=inputs.n_val,
             best_epoch=best_metrics["epoch"],
             epochs=cfg.train.epochs,
             data_config=to_dict(cfg.data),
@@ -178,30 +205,32 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
         metrics=best["val"],
         storage_config=cfg.storage,
     )
-    storage.write_bytes(
-        storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage
-    )
+    storage.write_bytes(storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
         plot_history(history, Path(tmp) / "curves.png")
-        storage.write_bytes(
-            storage.join(out_uri, "curves.png"), (Path(tmp) / "curves.png").read_bytes(), cfg.storage
-        )
-    summary = {
+        storage.write_bytes(storage.join(out_uri, "curves.png"), (Path(tmp) / "curves.png").read_bytes(), cfg.storage)
+    return {
         "package": out_uri,
         "model_id": model_id,
         "best_epoch": best_metrics["epoch"],
         "val_accuracy": best_metrics["val_accuracy"],
         "val_macro_f1": best_metrics["val_macro_f1"],
-        "n_train": train_table.num_rows - dropped_train,
-        "n_val": val_table.num_rows - dropped_val,
-        "undecodable": dropped_train + dropped_val,
+        "n_train": inputs.n_train,
+        "n_val": inputs.n_val,
+        "undecodable": inputs.undecodable,
         "epochs_run": len(history),
         "train_img_s": history[-1]["train_img_s"] if history else None,
-        "duration_s": round(time.time() - started, 1),
     }
-    storage.write_bytes(
-        storage.join(out_uri, "train_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage
-    )
+
+
+def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
+    """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
+    started = time.time()
+    inputs = prepare_inputs(data_uri, cfg)
+    result = make_trainer(inputs, cfg, storage.join(out_uri, "_train")).fit()
+    summary = export_package(result, inputs, cfg, out_uri)
+    summary["duration_s"] = round(time.time() - started, 1)
+    storage.write_bytes(storage.join(out_uri, "train_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
     return summary
 
 
@@ -232,9 +261,7 @@ def lr_at(step: int, total: int, warmup: int, cfg: Config) -> float:
 
 
 @torch.inference_mode()
-def validate(
-    model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, device, batch_size: int
-) -> dict:
+def validate(model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, device, batch_size: int) -> dict:
     model.eval()
     truth: dict[str, list] = {t: [] for t in vocabs}
     predicted: dict[str, list] = {t: [] for t in vocabs}
@@ -284,9 +311,7 @@ def train_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             core.load_state_dict(load_file(Path(d) / "model.safetensors", device=str(device)))
-            optimizer.load_state_dict(
-                torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True)
-            )
+            optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True))
             state = json.loads((Path(d) / "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}: starting epoch {start_epoch + 1}")
@@ -338,7 +363,5 @@ def train_loop(config: dict) -> None:
                     Path(d) / "model.safetensors",
                 )
                 torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(
-                    json.dumps({"epoch": epoch, "history": history, "val": val})
-                )
+                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "val": val}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)

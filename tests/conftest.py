@@ -11,6 +11,21 @@ import pytest
 
 PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings"
 
+# Tests only: local clusters started by the tests skip Ray's token auth (cluster configs keep it on).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the tests that run jobs in-process (2 CPUs, like this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:

@@ -50,10 +50,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from artfuse.ablate import ablate, to_markdown
+
+    cfg = _config(args)
+    print(to_markdown(ablate(args.data, args.out, cfg), args.data, cfg))
+
+
 def cmd_label(args: argparse.Namespace) -> None:
     from artfuse.label import label
 
     _print(label(args.model, args.input, args.out, _config(args)))
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from artfuse.tune import tune
+
+    overrides = [*(args.set or []), *([f"tune.num_samples={args.samples}"] if args.samples is not None else [])]
+    _print(tune(args.data, args.out, load_config(args.config, overrides)))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -122,10 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and the PNGs")
     _with_config(p)
 
+    p = command(
+        "ablate", cmd_ablate, "fusion vs cnn_only vs transformer_only on one collection: same split, budget and seed"
+    )
+    p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for ablation.md/.csv and one package per arch")
+    _with_config(p)
+
     p = command("label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data")
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
     p.add_argument("--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)")
+    _with_config(p)
+
+    p = command(
+        "tune",
+        cmd_tune,
+        "search fusion hyperparameters with Ray Tune (each trial a Ray Train run, ASHA early stopping)",
+    )
+    p.add_argument("--data", required=True, metavar="URI", help="labelled collection: folder per label, or a manifest")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="URI",
+        help="results table, best config, best package; rerun with the same --out to resume an interrupted search",
+    )
+    p.add_argument("--samples", type=int, metavar="N", help="number of trials (default: tune.num_samples)")
     _with_config(p)
 
     p = command(

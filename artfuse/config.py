@@ -76,7 +76,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     seed: int = 0
-    cache_size: int = 256  # decoded-image cache side in pixels (decode once, crop/resize per epoch)
+    torch_threads: int = 0  # CPU training threads per worker; 0 = the node's cores / workers on the node
 
 
 @dataclass
@@ -89,6 +89,8 @@ class LabelConfig:
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0  # CPUs per decode task
     gpu_decode: bool = False  # decode JPEGs with nvJPEG on the model actor's GPU
+    gpu_decode_max_pixels: int = 16_000_000  # larger JPEGs decode on CPU (draft mode reads them at 1/8 scale)
+    torch_threads: int = 0  # intra-op threads of a CPU model actor; 0 = every CPU of its node
     topk: int = 3  # labels per task in <task>_topk
     review_threshold: float = 0.5  # needs_review when a task's top score is below this
     embeddings: bool = False  # write the fused embedding (float16) per row
@@ -98,12 +100,14 @@ class LabelConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = 8  # trials
-    max_concurrent_trials: int = 2
-    time_budget_s: float = 0.0  # 0 means no limit
+    max_concurrent_trials: int = 2  # lowered to what fits on a fixed-size (local) cluster
+    time_budget_s: float = 0.0  # stop the whole search after this long; 0 means no limit
     grace_period: int = 2  # ASHA: epochs before a trial may be stopped
-    reduction_factor: int = 2  # ASHA
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor of trials at each rung
+    # CPUs of each trial's Ray Train workers together (overrides train.cpus_per_worker); 0.5 leaves Ray Data CPUs
+    cpus_per_trial: float = 0.5
+    gpus_per_trial: float = 0.0  # 0, or train.num_workers (one GPU per worker; overrides train.use_gpu)
+    seed: int = 0  # search-space sampling seed
     # search space: a list means "choose one", a two-element [low, high] under *_range means log-uniform
     fusion: list[str] = field(default_factory=lambda: ["concat", "gated", "cross_attention"])
     depth: list[int] = field(default_factory=lambda: [1, 2, 4])

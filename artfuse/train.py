@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -220,6 +221,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "undecodable": inputs.undecodable,
         "epochs_run": len(history),
         "train_img_s": history[-1]["train_img_s"] if history else None,
+        "train_img_s_by_epoch": [h["train_img_s"] for h in history],
     }
 
 
@@ -285,6 +287,11 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
+    if device.type == "cpu":
+        # Ray pins OMP_NUM_THREADS to the worker's (fractional) CPU reservation, i.e. one thread; the reservation is
+        # kept small only so Ray Data can schedule, so let the forward/backward use the node's cores.
+        threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+        torch.set_num_threads(threads)
 
     model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
     if device.type == "cuda":

@@ -1,0 +1,104 @@
+"""Ray Train: a killed worker is replaced from the last checkpoint; a killed run resumes at the next epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from artfuse.config import load_config
+from artfuse.samples import generate_samples
+from artfuse.train import train
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "model.img_size=64",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.depth=1",
+    "model.pretrained=none",
+    "train.batch_size=16",
+    "train.augment=false",
+]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    generate_samples(str(out), n=48, seed=1)
+    return out
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "_train" / "run").glob("checkpoint_*"))
+
+
+def kill_one_worker_after_first_checkpoint(out: Path, killed: list[int], timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not checkpoints(out):
+        time.sleep(0.2)
+    # Only this test's cluster: its Ray processes descend from this (pytest) process.
+    for proc in psutil.Process().children(recursive=True):
+        if "RayTrainWorker" in " ".join(proc.cmdline()):
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
+            return
+
+
+def test_killed_worker_is_replaced_from_last_checkpoint(samples, tmp_path, ray_local):
+    out = tmp_path / "model"
+    cfg = load_config(None, [*TINY, "train.epochs=4", "train.num_workers=2", "train.max_failures=2"])
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(out, killed), daemon=True)
+    killer.start()
+    summary = train(str(samples), str(out), cfg)
+    killer.join(timeout=5)
+
+    assert killed, "no training worker was found to kill"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # no epoch lost or repeated across the restart
+    assert summary["epochs_run"] == 4
+    assert (out / "model.safetensors").exists() and (out / "artfuse.json").exists()
+
+
+def run_train_cli(samples: Path, out: Path, epochs: int, **popen) -> subprocess.Popen:
+    args = [sys.executable, "-m", "artfuse.cli", "train", "--data", str(samples), "--out", str(out)]
+    for item in [*TINY, f"train.epochs={epochs}"]:
+        args += ["--set", item]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def test_interrupted_run_resumes_at_next_epoch(samples, tmp_path):
+    out = tmp_path / "model"
+    first = run_train_cli(samples, out, epochs=4, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(checkpoints(out)) < 2 and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    states = [json.loads((c / "state.json").read_text()) for c in checkpoints(out) if (c / "state.json").exists()]
+    done = max(s["epoch"] for s in states) + 1  # epochs completed before the kill
+    assert 1 <= done < 4, "the first run should have been interrupted mid-way"
+
+    second = run_train_cli(samples, out, epochs=4)
+    log, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, log[-3000:]
+    assert f"starting epoch {done + 1}" in log
+    reported = {
+        json.loads(line[line.index("{") :])["epoch"]
+        for line in log.splitlines()
+        if '"train_loss"' in line and line.rstrip().endswith("}")
+    }
+    assert reported == set(range(done + 1, 5)), f"the rerun trained epochs {sorted(reported)}"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]

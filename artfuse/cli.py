@@ -70,6 +70,23 @@ def cmd_tune(args: argparse.Namespace) -> None:
     _print(tune(args.data, args.out, load_config(args.config, overrides)))
 
 
+SUBMIT_JOBS = ("train", "tune", "label", "evaluate")
+SUBMIT_DESCRIPTION = """\
+Run `python jobs/JOB.py JOB ARGS` on the Ray cluster whose dashboard is at --address, with this checkout
+as the job's working_dir (the cluster's image holds the dependencies; see cluster/README.md), stream its
+logs and wait for it: exit 0 if the job succeeded, 1 if it failed or the cluster could not be reached,
+2 for a usage error. Every argument that is not an option below goes to the job: JOB ARGS are those of
+`artfuse JOB` (see `artfuse JOB --help`), and they are checked here before anything is submitted."""
+SUBMIT_EPILOG = """\
+token auth: a cluster started with a token needs it here too: RAY_AUTH_TOKEN, a file at RAY_AUTH_TOKEN_PATH,
+  or ~/.ray/auth_token (RAY_AUTH_MODE=token is set for you when one is found).
+storage: AWS_ENDPOINT_URL and the AWS region travel with the job; credentials only with --forward-credentials.
+
+example:
+  artfuse submit label --address http://127.0.0.1:8265 --model s3://models/current \\
+      --input s3://archive/images/ --out s3://labels/artfuse --set label.batch_size=128"""
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from artfuse.submit import submit_job
 
@@ -164,14 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, metavar="N", help="number of trials (default: tune.num_samples)")
     _with_config(p)
 
-    p = command(
-        "submit",
-        cmd_submit,
-        "submit a job (train, tune, label, evaluate) to a Ray cluster and follow it; "
-        "every argument after the options goes to the job, e.g. "
-        "artfuse submit label --address http://head:8265 --model s3://m --input s3://in --out s3://out",
-    )
-    p.add_argument("job", choices=["train", "tune", "label", "evaluate"], help="which jobs/<JOB>.py to run")
+    p = command("submit", cmd_submit, "submit a job (train, tune, label, evaluate) to a Ray cluster and follow it")
+    p.usage = "artfuse submit JOB --address URL [--no-wait] [--forward-credentials] [JOB ARGS ...]"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = SUBMIT_DESCRIPTION
+    p.epilog = SUBMIT_EPILOG
+    p.add_argument("job", metavar="JOB", choices=SUBMIT_JOBS, help=f"the job to run: {', '.join(SUBMIT_JOBS)}")
     p.add_argument(
         "--address", required=True, metavar="URL", help="the cluster's dashboard, e.g. http://127.0.0.1:8265"
     )
@@ -194,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if args.command == "submit":
         args.job_args = unknown  # everything `submit` does not know belongs to the job
+        parser.parse_args([args.job, *unknown])  # a usage error in the job's arguments ends here, not on the cluster
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(

@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,19 @@ def build_entrypoint(job: str, job_args: list[str] | tuple[str, ...] = ()) -> st
     if job not in JOBS:
         raise ConfigError(f"unknown job '{job}'; valid jobs: {', '.join(JOBS)}")
     return shlex.join(["python", f"jobs/{job}.py", *job_args])
+
+
+def check_address(address: str) -> None:
+    """The Jobs API is at the dashboard's HTTP URL; Ray reads a bare host:port as a GCS address and times out."""
+    try:
+        parsed = urllib.parse.urlsplit(address)
+        port_ok = parsed.port is None or parsed.port > 0
+    except ValueError:  # a port that is not a number, or out of range
+        parsed, port_ok = None, False
+    if not (parsed and parsed.scheme in ("http", "https") and parsed.hostname and port_ok):
+        raise ConfigError(
+            f"--address must be the URL of the cluster's dashboard, e.g. http://127.0.0.1:8265; got '{address}'"
+        )
 
 
 def build_runtime_env(
@@ -120,6 +134,7 @@ def submit_job(
         out: where the job's logs go (stdout).
     """
     out = out or sys.stdout
+    check_address(address)
     entrypoint = build_entrypoint(job, job_args)
     if not (Path(working_dir) / "jobs" / f"{job}.py").is_file():
         raise ConfigError(

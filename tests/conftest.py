@@ -17,12 +17,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray instance for the tests that run jobs in-process (2 CPUs, like this machine)."""
+def ray_local(s3_server: str) -> Iterator[None]:
+    """One local Ray instance for the tests that run jobs in-process (2 CPUs, like this machine).
+
+    Started after the local S3 server, so that Ray's workers inherit its endpoint and fake credentials.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -12,13 +12,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from artfuse.images import center_crop
+
 CROP_FRACTION = 0.875  # timm's default crop_pct: decode at img_size / 0.875, evaluate the centre img_size
-
-
-def center_crop_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, S, S, C) -> (N, size, size, C), a view, no copy."""
-    off = (images.shape[1] - size) // 2
-    return images[:, off : off + size, off : off + size]
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,7 @@ class Preprocess:
         return asdict(self)
 
     def center_crop(self, images: np.ndarray) -> np.ndarray:
-        return center_crop_batch(images, self.img_size)
+        return center_crop(images, self.img_size)
 
     def to_tensor(
         self, images: torch.Tensor | np.ndarray, device: torch.device | str = "cpu"

@@ -63,6 +63,14 @@ def cmd_label(args: argparse.Namespace) -> None:
     _print(label(args.model, args.input, args.out, _config(args)))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from artfuse.bench import bench, format_bench
+
+    result = bench(_config(args), args.model, args.out)
+    _print(result)
+    print(format_bench(result))
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from artfuse.tune import tune
 
@@ -164,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
     p.add_argument("--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)")
+    _with_config(p)
+
+    p = command(
+        "bench",
+        cmd_bench,
+        "throughput of the model alone, decode alone and the whole label pipeline on this machine, as ratios",
+    )
+    p.add_argument("--out", metavar="FILE", help="write the figures as JSON (e.g. bench.json)")
+    p.add_argument("--model", metavar="URI", help="model package (default: a fresh model of the configured arch)")
     _with_config(p)
 
     p = command(

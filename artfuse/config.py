@@ -95,6 +95,7 @@ class LabelConfig:
     review_threshold: float = 0.5  # needs_review when a task's top score is below this
     embeddings: bool = False  # write the fused embedding (float16) per row
     run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
+    rows_per_file: int = 1024  # least rows per Parquet file; a killed run keeps every file it finished
 
 
 @dataclass
@@ -123,10 +124,11 @@ class TuneConfig:
 
 @dataclass
 class BenchConfig:
-    n_images: int = 512  # generated JPEGs for the decode and pipeline stages
+    n_images: int = 512  # JPEGs decoded alone; the pipeline labels at least this many
     width: int = 1024  # generated image size
     height: int = 768
     model_batches: int = 10  # timed model batches
+    pipeline_seconds: float = 30.0  # pipeline size: what min(model, decode) labels in this time (start-up is small)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Nightly labelling with Ray Data: list -> skip what is done -> read + decode (CPU tasks) -> model actors -> Parquet.
 
+With `label.gpu_decode` on GPU actors, the CPU tasks only read, and JPEGs decode on the actor's GPU (nvJPEG).
+
 Every listed input yields exactly one row per run, a prediction or an error. Rows land under
 `<out>/run_date=YYYY-MM-DD/` (hive partitioning); a rerun skips inputs the output already holds with the
 same uri, etag and size, so the same night twice adds nothing and a new night labels only new or changed
@@ -9,9 +11,9 @@ Run one labelling job per output at a time.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -22,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
+import torch
 
-from artfuse import stages, storage
+from artfuse import gpudecode, stages, storage
 from artfuse.catalog import list_inputs
 from artfuse.config import Config, LabelConfig, StorageConfig
 from artfuse.package import load_package, read_manifest
@@ -36,6 +39,7 @@ KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across ni
 EMPTY_KEYS = pa.table(
     {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
 )
+DECODE_TASK_MEMORY = 512 * 2**20  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
 
@@ -112,7 +116,8 @@ def prediction_rows(
 
 
 class LabelModel:
-    """The model actor: loads the package once, then only copies, normalises and runs the forward pass."""
+    """The model actor: loads the package once, then only copies, normalises and runs the forward pass
+    (and, with GPU decode, decodes the batch's JPEGs on its GPU first)."""
 
     def __init__(
         self,
@@ -121,22 +126,71 @@ class LabelModel:
         storage_config: StorageConfig,
         run_id: str,
         labelled_at: datetime,
+        gpu_decode: bool = False,
+        max_pixels: int = 64_000_000,
     ):
         package = load_package(model_uri, storage_config)
-        self.predictor = Predictor(package, pick_device(cfg.num_gpus_per_actor > 0))
+        device = pick_device(cfg.num_gpus_per_actor > 0)
+        # Ray sets one thread per reserved CPU; a CPU model is the slow stage and decode needs little, so the
+        # model may use every core of its node (bench: what this buys on a small machine).
+        self.threads = (cfg.torch_threads or available_cpus()) if device.type == "cpu" else 0
+        self.predictor = Predictor(package, device)
         self.row_args = dict(
             tasks=package.tasks, cfg=cfg, model_id=package.model_id, run_id=run_id, labelled_at=labelled_at
         )
         self.embeddings = cfg.embeddings
+        self.gpu_decode = gpu_decode
+        self.resize = package.preprocess.resize
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.threads:
+            # OpenMP keeps the thread count per calling thread, and Ray Data calls this from another thread than
+            # __init__'s, where Ray's OMP_NUM_THREADS would leave the model one thread: set it here, every time.
+            torch.set_num_threads(self.threads)
         ok = stages.decoded_ok(batch["error"])
-        outputs = self.predictor(batch["image"][ok], embeddings=self.embeddings) if ok.any() else {}
+        if self.gpu_decode:
+            images = self._decode_on_device(batch, ok)
+            ok = stages.decoded_ok(batch["error"])
+        else:
+            images = batch["image"] if ok.all() else batch["image"][ok]
+        outputs = self.predictor(images, embeddings=self.embeddings) if ok.any() else {}
         return prediction_rows(batch, outputs, **self.row_args)
 
+    def _decode_on_device(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> torch.Tensor:
+        """The ok rows' images on the model's device; rows that fail to decode here get their error in `batch`."""
+        rows = np.flatnonzero(ok)
+        images, errors = gpudecode.to_device(
+            batch["encoded"][rows],
+            batch["encoding"][rows],
+            self.resize,
+            self.predictor.device,
+            max_pixels=self.max_pixels,
+        )
+        if not errors:
+            return images
+        batch["error"] = batch["error"].copy()
+        for position, error in errors.items():
+            batch["error"][rows[position]] = error
+        keep = [position for position in range(len(rows)) if position not in errors]
+        return images[keep]
 
-def _decode_stage_args(num_cpus: float) -> dict:
-    return {"num_cpus": num_cpus}
+
+def available_cpus() -> int:
+    """CPUs of this node: as Ray counts them (container limits included) inside Ray, else this process's share."""
+    if ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node["NodeID"] == here and node["Resources"].get("CPU"):
+                return max(1, int(node["Resources"]["CPU"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def uses_gpu_decode(cfg: LabelConfig) -> bool:
+    """nvJPEG needs the actors to hold a GPU; without one, JPEGs decode in the CPU stage like everything else."""
+    if cfg.gpu_decode and cfg.num_gpus_per_actor <= 0:
+        log.warning("label.gpu_decode is set but label.num_gpus_per_actor is 0: decoding JPEGs on CPU instead")
+    return cfg.gpu_decode and cfg.num_gpus_per_actor > 0
 
 
 def prediction_dataset(
@@ -146,24 +200,36 @@ def prediction_dataset(
     manifest = read_manifest(model_uri, cfg.storage)
     preprocess = Preprocess.from_dict(manifest["preprocess"])
     lc = cfg.label
+    gpu_decode = uses_gpu_decode(lc)
+    read_kwargs = dict(
+        size=preprocess.resize,
+        max_pixels=cfg.data.max_pixels,
+        max_bytes=cfg.data.max_bytes,
+        storage_config=cfg.storage,
+        with_hash=True,
+    )
+    if gpu_decode:
+        read_kwargs["gpu_max_pixels"] = lc.gpu_decode_max_pixels
     ds = stages.dataset_from_table(table.select(["uri", "size", "etag"]), lc.decode_batch_size)
     ds = ds.map_batches(
-        stages.read_and_decode,
-        fn_kwargs=dict(
-            size=preprocess.resize,
-            max_pixels=cfg.data.max_pixels,
-            max_bytes=cfg.data.max_bytes,
-            storage_config=cfg.storage,
-            with_hash=True,
-        ),
+        stages.read_for_gpu_decode if gpu_decode else stages.read_and_decode,
+        fn_kwargs=read_kwargs,
         batch_size=lc.decode_batch_size,
-        # A remote-args function keeps Ray from fusing decode into the model actor (DESIGN.md, stage fusion).
-        ray_remote_args_fn=functools.partial(_decode_stage_args, lc.decode_cpus),
+        num_cpus=lc.decode_cpus,
+        # Room for a batch being read and decoded. Asking for memory, which the model actor does not, also keeps
+        # Ray from fusing this stage into the actor whatever CPUs the two ask for (DESIGN.md, stage fusion).
+        memory=DECODE_TASK_MEMORY,
     )
     return ds.map_batches(
         LabelModel,
         fn_constructor_kwargs=dict(
-            model_uri=model_uri, cfg=lc, storage_config=cfg.storage, run_id=run_id, labelled_at=labelled_at
+            model_uri=model_uri,
+            cfg=lc,
+            storage_config=cfg.storage,
+            run_id=run_id,
+            labelled_at=labelled_at,
+            gpu_decode=gpu_decode,
+            max_pixels=cfg.data.max_pixels,
         ),
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
@@ -213,12 +279,18 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
     )
 
     counts = {"labelled": 0, "errors": 0}
+    labelling_s = verify_s = 0.0
     if todo.num_rows:
         ensure_ray()
+        pipeline_started = time.time()
+        partition = storage.join(out_uri, f"run_date={run_date}")
         ds = prediction_dataset(todo, model_uri, cfg, run_id=run_id, labelled_at=labelled_at)
-        fs, root = storage.arrow_filesystem(storage.join(out_uri, f"run_date={run_date}"), cfg.storage)
-        ds.write_parquet(root, filesystem=fs, min_rows_per_file=max(cfg.label.batch_size, 1024))
-        counts = run_counts(out_uri, run_id, cfg.storage)
+        fs, root = storage.arrow_filesystem(partition, cfg.storage)
+        ds.write_parquet(root, filesystem=fs, min_rows_per_file=max(cfg.label.rows_per_file, 1))
+        labelling_s = time.time() - pipeline_started
+        log.debug("Ray Data stats:\n%s", ds.stats())
+        counts = run_counts(partition, run_id, todo, cfg.storage)
+        verify_s = time.time() - pipeline_started - labelling_s
     elapsed = time.time() - started
     report = {
         "run_id": run_id,
@@ -230,11 +302,14 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
         "skipped": listed.num_rows - todo.num_rows,
         "labelled": counts["labelled"],
         "errors": counts["errors"],
-        "img_s": round(todo.num_rows / max(elapsed - listed_s, 1e-9), 2) if todo.num_rows else 0.0,
-        "durations_s": {"listing": round(listed_s, 2), "total": round(elapsed, 2)},
+        "img_s": round(todo.num_rows / labelling_s, 2) if labelling_s else 0.0,  # start-up included
+        "durations_s": {
+            "listing": round(listed_s, 2),
+            "labelling": round(labelling_s, 2),
+            "verifying": round(verify_s, 2),
+            "total": round(elapsed, 2),
+        },
     }
-    if counts["labelled"] + counts["errors"] != todo.num_rows:
-        raise RuntimeError(f"labelling lost rows: {todo.num_rows} to label, {counts} written ({out_uri})")
     storage.write_bytes(
         storage.join(out_uri, "_reports", f"{run_id}.json"),
         json.dumps(report, indent=1).encode(),
@@ -243,17 +318,22 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
     return report
 
 
-def run_counts(out_uri: str, run_id: str, storage_config: StorageConfig | None) -> dict:
-    fs, root = storage.arrow_filesystem(out_uri, storage_config)
-    table = read_output(fs, root, ["run_id", "error"])
-    mine = table.filter(pc.equal(table["run_id"], run_id))
-    errors = int(pc.sum(pc.is_valid(mine["error"])).as_py() or 0)
-    return {"labelled": mine.num_rows - errors, "errors": errors}
+def run_counts(partition_uri: str, run_id: str, todo: pa.Table, storage_config: StorageConfig | None) -> dict:
+    """Labelled and error rows this run wrote; raises unless they are exactly one row per input in `todo`."""
+    fs, root = storage.arrow_filesystem(partition_uri, storage_config)
+    written = read_output(fs, root, ["uri", "etag", "size", "error"], pc.field("run_id") == run_id)
+    distinct = written.group_by(KEY).aggregate([])
+    missing = todo.join(distinct, keys=KEY, join_type="left anti").num_rows
+    if written.num_rows != todo.num_rows or distinct.num_rows != written.num_rows or missing:
+        raise RuntimeError(
+            f"labelling lost or repeated rows: {todo.num_rows} inputs to label, {written.num_rows} rows written "
+            f"({distinct.num_rows} distinct, {missing} inputs without a row) under {partition_uri}"
+        )
+    labelled = written["error"].null_count
+    return {"labelled": labelled, "errors": written.num_rows - labelled}
 
 
-def read_output(fs, root: str, columns: list[str]) -> pa.Table:
-    """The predictions under `root` (all run dates), without the report folder."""
-    dataset = pads.dataset(
-        root, filesystem=fs, format="parquet", partitioning="hive", ignore_prefixes=["_", "."]
-    )
-    return dataset.to_table(columns=columns)
+def read_output(fs, root: str, columns: list[str], where: pc.Expression | None = None) -> pa.Table:
+    """The predictions under `root` (the output, or one run date's partition), without the report folder."""
+    dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive", ignore_prefixes=["_", "."])
+    return dataset.to_table(columns=columns, filter=where)

@@ -44,7 +44,8 @@ class Predictor:
     def __call__(
         self, images: np.ndarray | torch.Tensor, *, embeddings: bool = False
     ) -> dict[str, np.ndarray]:
-        """images: uint8 (N, H, W, 3) at the package's resize (centre-cropped here) or img_size.
+        """images: uint8 (N, H, W, 3) at the package's resize (centre-cropped here) or img_size, on the host or
+        already on the model's device (GPU decode).
 
         Returns {task: float32 probabilities (N, n_labels)} plus "embedding" (float16, N x D) when asked.
         """
@@ -52,8 +53,9 @@ class Predictor:
             images = self.package.preprocess.center_crop(images)
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
-        if self.device.type == "cuda":
-            images = images.pin_memory()
+        if self.device.type == "cuda" and images.device.type == "cpu":
+            # a pinned source lets the host->device copy run asynchronously (DMA) instead of staging it
+            images = images.contiguous().pin_memory()
         x = self.package.preprocess.to_tensor(images, self.device)
         with self._autocast():
             features, logits = self._forward(x)

@@ -1,27 +1,37 @@
-"""Ray Data stages shared by the jobs: read + decode (CPU), training augmentation, centre crop.
+"""Ray Data stages shared by the jobs: read + decode (CPU, or read only for GPU decode), augmentation, centre crop.
 
 Stateless functions over numpy batches, resources declared where the jobs call `map_batches`.
 Every input row comes out with an `error` (None or a reason): nothing is dropped here, jobs decide.
+The decode stages do not import torch: a decode worker stays a few hundred MB lighter.
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
+import io
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray.data
-import torch
-from torchvision.transforms import v2
+from PIL import ExifTags, Image
 
-from artfuse import storage
+from artfuse import images, storage
 from artfuse.config import StorageConfig
-from artfuse.images import decode_image
-from artfuse.preprocess import center_crop_batch
+from artfuse.images import Decoded, decode_image
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 READ_THREADS = 8  # object-store reads are latency-bound; a few threads per decode task hide it
+READ_AHEAD = 2 * READ_THREADS  # objects read but not yet decoded: bounds a decode task's memory on large scans
+GPU_JPEG = "jpeg"  # `encoding` of a row whose `encoded` bytes are a JPEG left for the GPU to decode
+RAW = "raw"  # `encoding` of a row decoded on CPU: `encoded` holds its size x size x 3 uint8 pixels
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def dataset_from_table(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
@@ -55,32 +65,109 @@ def read_and_decode(
     with_hash: bool = False,
 ) -> dict[str, np.ndarray]:
     """uri -> image (N, size, size, 3) uint8 plus width, height, format, error (and sha256 when asked)."""
-    uris = batch["uri"]
-    n = len(uris)
+    n = len(batch["uri"])
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
-    widths = np.zeros(n, dtype=np.int32)
-    heights = np.zeros(n, dtype=np.int32)
-    formats = np.empty(n, dtype=object)
-    errors = np.empty(n, dtype=object)
-    hashes = np.empty(n, dtype=object)
-    with ThreadPoolExecutor(min(READ_THREADS, max(n, 1))) as pool:
-        reads = list(pool.map(lambda u, s: _read(u, int(s), max_bytes, storage_config), uris, batch["size"]))
-    for i, (data, read_error) in enumerate(reads):
-        if read_error:
-            errors[i] = read_error
-            continue
-        hashes[i] = hashlib.sha256(data).hexdigest() if with_hash else None
+    out = _described(batch, with_hash)
+    for i, data in _read_all(batch, max_bytes, storage_config, out):
         decoded = decode_image(data, size, max_pixels=max_pixels)
-        widths[i], heights[i], formats[i] = decoded.width, decoded.height, decoded.format or None
-        if decoded.error:
-            errors[i] = f"{decoded.error}: {decoded.message}" if decoded.message else decoded.error
-        else:
+        _describe(out, i, decoded)
+        if decoded.ok:
             images[i] = decoded.array
-    out = dict(batch)
-    out.update(image=images, width=widths, height=heights, format=formats, error=errors)
-    if with_hash:
-        out["sha256"] = hashes
+    out["image"] = images
     return out
+
+
+def read_for_gpu_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    max_pixels: int,
+    max_bytes: int,
+    gpu_max_pixels: int,
+    storage_config: StorageConfig | None = None,
+    with_hash: bool = False,
+) -> dict[str, np.ndarray]:
+    """As `read_and_decode`, but JPEGs the GPU can decode leave as their bytes (`encoded`, `encoding` "jpeg");
+    other inputs are decoded here and leave as raw pixels (`encoding` "raw"). No `image` column."""
+    n = len(batch["uri"])
+    encoded = np.full(n, b"", dtype=object)
+    encoding = np.empty(n, dtype=object)
+    out = _described(batch, with_hash)
+    for i, data in _read_all(batch, max_bytes, storage_config, out):
+        header = gpu_decodable(data, min(gpu_max_pixels, max_pixels))
+        if header:
+            (out["width"][i], out["height"][i]), out["format"][i] = header, "JPEG"
+            encoded[i], encoding[i] = data, GPU_JPEG
+            continue
+        decoded = decode_image(data, size, max_pixels=max_pixels)
+        _describe(out, i, decoded)
+        if decoded.ok:
+            encoded[i], encoding[i] = decoded.array.tobytes(), RAW
+    out.update(encoded=encoded, encoding=encoding)
+    return out
+
+
+def gpu_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) when `data` is a JPEG that the GPU decodes as `decode_image` would: complete, RGB or
+    grey, upright (EXIF orientation 1) and at most `max_pixels`; else None. Reads the header only."""
+    # A cut upload has no end-of-image marker: decode_image names it truncated, the GPU would fill it in grey.
+    if not data.startswith(_JPEG_MAGIC) or b"\xff\xd9" not in data[-1024:].rstrip(b"\0"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
+            if im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
+                return None
+            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                return None
+            return im.size
+    except Exception:  # anything odd goes the CPU way, where decode_image names the problem
+        return None
+
+
+def _described(batch: dict[str, np.ndarray], with_hash: bool) -> dict[str, np.ndarray]:
+    """The batch plus empty width, height, format, error (and sha256) columns."""
+    n = len(batch["uri"])
+    out = dict(batch)
+    out.update(
+        width=np.zeros(n, dtype=np.int32),
+        height=np.zeros(n, dtype=np.int32),
+        format=np.empty(n, dtype=object),
+        error=np.empty(n, dtype=object),
+    )
+    if with_hash:
+        out["sha256"] = np.empty(n, dtype=object)
+    return out
+
+
+def _read_all(
+    batch: dict[str, np.ndarray], max_bytes: int, storage_config: StorageConfig | None, out: dict[str, np.ndarray]
+) -> Iterator[tuple[int, bytes]]:
+    """(row, bytes) for each readable row, in order; read failures become the row's error in `out`."""
+    uris = batch["uri"]
+    ahead: deque[tuple[int, Future]] = deque()
+    with ThreadPoolExecutor(min(READ_THREADS, max(len(uris), 1))) as pool:
+        for i, (uri, size) in enumerate(zip(uris, batch["size"], strict=True)):
+            ahead.append((i, pool.submit(_read, uri, int(size), max_bytes, storage_config)))
+            if len(ahead) > READ_AHEAD:
+                yield from _arrived(*ahead.popleft(), out)
+        while ahead:
+            yield from _arrived(*ahead.popleft(), out)
+
+
+def _arrived(i: int, read: Future, out: dict[str, np.ndarray]) -> Iterator[tuple[int, bytes]]:
+    data, read_error = read.result()
+    if read_error:
+        out["error"][i] = read_error
+        return
+    if "sha256" in out:
+        out["sha256"][i] = hashlib.sha256(data).hexdigest()
+    yield i, data
+
+
+def _describe(out: dict[str, np.ndarray], i: int, decoded: Decoded) -> None:
+    out["width"][i], out["height"][i], out["format"][i] = decoded.width, decoded.height, decoded.format or None
+    if decoded.error:
+        out["error"][i] = f"{decoded.error}: {decoded.message}" if decoded.message else decoded.error
 
 
 def decoded_ok(errors: np.ndarray) -> np.ndarray:
@@ -95,6 +182,8 @@ def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @lru_cache(maxsize=4)
 def _augmenter(img_size: int) -> v2.Compose:
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
@@ -106,6 +195,8 @@ def _augmenter(img_size: int) -> v2.Compose:
 
 def augment(batch: dict[str, np.ndarray], *, img_size: int) -> dict[str, np.ndarray]:
     """Random resized crop + flip + colour jitter per image, uint8 in and out (fresh randomness every epoch)."""
+    import torch
+
     augmenter = _augmenter(img_size)
     images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
     out = torch.stack([augmenter(image) for image in images]).permute(0, 2, 3, 1)
@@ -113,4 +204,4 @@ def augment(batch: dict[str, np.ndarray], *, img_size: int) -> dict[str, np.ndar
 
 
 def center_crop(batch: dict[str, np.ndarray], *, img_size: int) -> dict[str, np.ndarray]:
-    return {**batch, "image": np.ascontiguousarray(center_crop_batch(batch["image"], img_size))}
+    return {**batch, "image": np.ascontiguousarray(images.center_crop(batch["image"], img_size))}

@@ -1,0 +1,217 @@
+"""`artfuse bench`: on this machine, in one run, the model alone, decode alone and the whole label pipeline.
+
+Figures are images/s plus `ratio` = pipeline / min(model, decode): how close the Ray Data pipeline comes to its
+slowest stage running alone (DESIGN.md, performance model and bench.json).
+
+- model alone: `Predictor` (as the label actors run it) on random uint8 batches at the package's resize, in this
+  process, on the device and thread count the label actors would use;
+- decode alone: read + `decode_image` of the generated JPEG files in a process pool over every core (the CPU
+  stage's work without Ray); with GPU decode, nvJPEG alone is reported beside it;
+- pipeline: `label.label` over the same files into a temporary folder (start-up included, listing excluded),
+  as many as min(model, decode) would get through in `bench.pipeline_seconds`, so start-up weighs little.
+
+Without `--model`, a freshly built model of the configured architecture (random weights) is packaged in a
+temporary folder: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from artfuse import storage
+from artfuse.config import Config
+from artfuse.gpudecode import decode_jpegs
+from artfuse.images import decode_image
+from artfuse.label import available_cpus, label, uses_gpu_decode
+from artfuse.models import create_model, data_config
+from artfuse.package import load_package, save_package
+from artfuse.predict import Predictor, pick_device
+from artfuse.preprocess import Preprocess
+from artfuse.runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+DISTINCT_IMAGES = 16  # generated once, then repeated as files: decode cost does not depend on repetition
+WARMUP_BATCHES = 2
+
+
+def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> dict:
+    """Measure the three figures in one run and return (and, with `out`, write) bench.json's content."""
+    if torch.cuda.is_available() and cfg.label.num_gpus_per_actor <= 0:
+        log.info("a GPU is present: benchmarking with label.num_gpus_per_actor=1")
+        cfg = dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, num_gpus_per_actor=1.0))
+    b = cfg.bench
+    with tempfile.TemporaryDirectory(prefix="artfuse-bench-") as tmp:
+        model_uri = model_uri or save_untrained_package(str(Path(tmp, "model")), cfg, {"label": 10})
+        package = load_package(model_uri, cfg.storage)
+        size = package.preprocess.resize
+        jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
+        inputs = Path(tmp, "input")
+        paths = write_collection(inputs, jpegs, b.n_images)
+
+        device = pick_device(cfg.label.num_gpus_per_actor > 0)
+        model_img_s = model_alone(package, device, cfg.label.batch_size, b.model_batches, cfg.label.torch_threads)
+        decode_img_s = decode_alone(paths, size, cfg.data.max_pixels)
+        gpu_decode_img_s = None
+        if uses_gpu_decode(cfg.label):
+            gpu_decode_img_s = gpu_decode_alone(jpegs, b.n_images, size, device, cfg.label.batch_size)
+        # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.
+        n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(model_img_s, decode_img_s)))
+        write_collection(inputs, jpegs, n_pipeline)
+        log.info("bench: labelling %d images", n_pipeline)
+        ensure_ray()
+        report = label(model_uri, str(inputs), str(Path(tmp, "predictions")), cfg)
+
+    pipeline_img_s = report["img_s"]
+    result = {
+        "model_img_s": round(model_img_s, 1),
+        "decode_img_s": round(decode_img_s, 1),
+        "pipeline_img_s": round(pipeline_img_s, 1),
+        "ratio": round(pipeline_img_s / min(model_img_s, decode_img_s), 3),
+        "gpu_decode_img_s": None if gpu_decode_img_s is None else round(gpu_decode_img_s, 1),
+        "machine": machine(device),
+        "batch_size": cfg.label.batch_size,
+        "decode_batch_size": cfg.label.decode_batch_size,
+        "image_size": {"width": b.width, "height": b.height, "jpeg_kb": round(np.mean([len(j) for j in jpegs]) / 1e3)},
+        "model_input": {"resize": size, "img_size": package.preprocess.img_size, "arch": package.model_config.arch},
+        "counts": {
+            "decoded_alone": b.n_images,
+            "pipeline_images": report["listed"],
+            "model_batches": b.model_batches,
+            "labelled": report["labelled"],
+            "errors": report["errors"],
+        },
+        "label": dataclasses.asdict(cfg.label),
+        "pipeline_durations_s": report["durations_s"],
+    }
+    if out:
+        storage.write_bytes(out, json.dumps(result, indent=1).encode(), cfg.storage)
+    return result
+
+
+def save_untrained_package(uri: str, cfg: Config, tasks: dict[str, int]) -> str:
+    """A package of a freshly built `cfg.model` (random weights, vocab "0".."n-1"); returns its URI."""
+    model = create_model(cfg.model, tasks, load_pretrained=False)
+    dc = data_config(cfg.model)
+    preprocess = Preprocess.for_model(cfg.model.img_size, dc["mean"], dc["std"])
+    vocabs = {task: [str(i) for i in range(n)] for task, n in tasks.items()}
+    save_package(uri, model, cfg.model, vocabs, preprocess, storage_config=cfg.storage)
+    return uri
+
+
+def synthetic_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """`n` photo-like JPEGs (smooth colour fields with detail, quality 90; about 250 KB at 1024 x 768)."""
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for _ in range(n):
+        coarse = Image.fromarray((rng.random((height // 8, width // 8, 3)) * 255).astype(np.uint8))
+        buffer = io.BytesIO()
+        coarse.resize((width, height), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def write_collection(folder: Path, jpegs: list[bytes], n: int) -> list[str]:
+    """Files 0..n-1 in `folder` (kept where present): the distinct JPEGs, then hard links to them (no disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:07d}.jpg" for i in range(n)]
+    for i, path in enumerate(paths):
+        if path.exists():
+            continue
+        if i < len(jpegs):
+            path.write_bytes(jpegs[i])
+        else:
+            os.link(paths[i % len(jpegs)], path)
+    return [str(path) for path in paths]
+
+
+def decode_alone(paths: list[str], size: int, max_pixels: int) -> float:
+    """Images/s of read + decode_image over every core, in worker processes started (and warmed) beforehand."""
+    workers = available_cpus()
+    chunks = [paths[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_decode_files, [chunk[:2] for chunk in chunks], [size] * workers, [max_pixels] * workers))
+        start = time.perf_counter()
+        decoded = sum(pool.map(_decode_files, chunks, [size] * workers, [max_pixels] * workers))
+        elapsed = time.perf_counter() - start
+    if decoded != len(paths):
+        raise RuntimeError(f"bench: {len(paths) - decoded} generated images failed to decode")
+    return len(paths) / elapsed
+
+
+def _decode_files(paths: list[str], size: int, max_pixels: int) -> int:
+    return sum(decode_image(Path(p).read_bytes(), size, max_pixels=max_pixels).ok for p in paths)
+
+
+def model_alone(package, device: torch.device, batch_size: int, batches: int, torch_threads: int) -> float:
+    """Images/s of the Predictor on random uint8 host batches at the package's resize (copy + normalise +
+    forward + softmax, as in the label actor)."""
+    if device.type == "cpu":
+        torch.set_num_threads(torch_threads or available_cpus())
+    predictor = Predictor(package, device)
+    size = package.preprocess.resize
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    for _ in range(WARMUP_BATCHES):
+        predictor(images)
+    start = time.perf_counter()
+    for _ in range(batches):
+        predictor(images)  # returns numpy: the device work is finished when it does
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def gpu_decode_alone(jpegs: list[bytes], n: int, size: int, device: torch.device, batch_size: int) -> float:
+    """Images/s of nvJPEG decode + resize on `device`, in batches of the model's batch size."""
+    batch = [jpegs[i % len(jpegs)] for i in range(batch_size)]
+    decode_jpegs(batch, size, device)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(max(1, n // batch_size)):
+        decode_jpegs(batch, size, device)
+    _synchronize(device)
+    return max(1, n // batch_size) * batch_size / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> dict:
+    return {
+        "cpus": available_cpus(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "hostname": platform.node(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def format_bench(result: dict) -> str:
+    """The figures as a few lines for people."""
+    lines = [
+        f"model alone     {result['model_img_s']:>9.1f} img/s  (batch {result['batch_size']})",
+        f"decode alone    {result['decode_img_s']:>9.1f} img/s  ({result['machine']['cpus']} processes)",
+    ]
+    if result["gpu_decode_img_s"] is not None:
+        lines.append(f"nvJPEG alone    {result['gpu_decode_img_s']:>9.1f} img/s")
+    lines += [
+        f"label pipeline  {result['pipeline_img_s']:>9.1f} img/s  ({result['counts']['pipeline_images']} images)",
+        f"ratio pipeline / min(model, decode) = {result['ratio']:.2f}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""JPEG decoding on the model actor's GPU (nvJPEG through torchvision) for labelling; the CPU stage only reads.
+
+`images.decode_image` stays the reference decoder. A JPEG goes to the GPU only when its header shows nothing
+the GPU path would treat differently (`stages.gpu_decodable`: EXIF rotation, CMYK, a cut upload, a scan too
+large to decode whole); the CPU stage decodes everything else and ships those rows as raw pixels, and a JPEG
+that nvJPEG refuses is decoded by `decode_image` here. The output matches `decode_image`: centre square,
+resized to size x size, uint8 RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from artfuse.images import decode_image
+from artfuse.stages import GPU_JPEG, RAW
+
+
+def decode_jpegs(datas: Sequence[bytes], size: int, device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes -> (size, size, 3) uint8 tensors on `device` (None where the decoder refuses an image)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # bytearray: torch.frombuffer wants a writable buffer; the copy is small next to the decode
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    try:
+        decoded: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad image fails the whole batched call: find it image by image
+        decoded = []
+        for data in encoded:
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+    return [None if image is None else _square(image, size) for image in decoded]
+
+
+def to_device(
+    encoded: Sequence[bytes], encoding: Sequence[str], size: int, device: torch.device, *, max_pixels: int
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """A batch from `stages.read_for_gpu_decode` -> (N, size, size, 3) uint8 on `device`, and {row: error}
+    for the JPEGs that neither nvJPEG nor `decode_image` could decode (their pixels are zeros)."""
+    images = torch.zeros((len(encoded), size, size, 3), dtype=torch.uint8, device=device)
+    raw = [i for i, kind in enumerate(encoding) if kind == RAW]
+    if raw:
+        pixels = np.stack([np.frombuffer(encoded[i], np.uint8) for i in raw]).reshape(-1, size, size, 3)
+        host = torch.from_numpy(pixels)
+        images[raw] = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+    jpegs = [i for i, kind in enumerate(encoding) if kind == GPU_JPEG]
+    errors: dict[int, str] = {}
+    for i, image in zip(jpegs, decode_jpegs([encoded[i] for i in jpegs], size, device), strict=True):
+        if image is None:
+            image, errors_i = _decode_on_cpu(encoded[i], size, max_pixels)
+            if errors_i:
+                errors[i] = errors_i
+                continue
+            image = image.to(device)
+        images[i] = image
+    return images, errors
+
+
+def _square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> its centre square resized to (size, size, 3), as decode_image crops and resizes."""
+    _, height, width = image.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = image[:, top : top + side, left : left + side].unsqueeze(0).float()
+    resized = F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def _decode_on_cpu(data: bytes, size: int, max_pixels: int) -> tuple[torch.Tensor | None, str | None]:
+    decoded = decode_image(data, size, max_pixels=max_pixels)
+    if decoded.error:
+        return None, f"{decoded.error}: {decoded.message}" if decoded.message else decoded.error
+    return torch.from_numpy(decoded.array), None

@@ -1,0 +1,386 @@
+"""Search fusion hyperparameters with Ray Tune; every trial is a Ray Train run.
+
+The driver decodes the collection once (`train.prepare_inputs`) and hands the datasets to every trial. A trial is
+a function trainable that builds its `Config` from the sampled parameters and runs a `TorchTrainer`, whose
+per-epoch reports reach Tune through `TuneReportCallback` (the Ray Train V2 pattern); ASHA stops weak trials on
+validation macro-F1. Rerunning with the same `--out` restores the search (`Tuner.restore`): finished trials stay
+finished, interrupted ones continue from their last Ray Train checkpoint. Under `--out`:
+
+    _tune/                   the Tune experiment
+    _trials/<trial id>/      each trial's Ray Train run (checkpoints) and attempts.json
+    search_config.yaml       the config the search runs with (a rerun must match it)
+    results.parquet/.csv     one row per trial
+    best_config.yaml         the best trial's full config (`artfuse train --config`)
+    best/                    the best trial's model package
+    macro_f1_by_param.png    val macro-F1 against each searched parameter
+    tune_report.json         the run summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import yaml
+from ray import tune as ray_tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.sample import Categorical, Domain
+
+from artfuse import storage
+from artfuse.config import Config, ConfigError, to_dict, validate
+from artfuse.plots import plot_metric_by_param
+from artfuse.runtime import ensure_ray
+from artfuse.train import TrainInputs, export_package, make_trainer, prepare_inputs
+from artfuse.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_macro_f1"
+# A trial's own process only waits on its Ray Train controller; its workers hold the real resources. It asks for
+# memory, not CPU: Tune rejects an all-zero request, and even a sliver of CPU per trial would leave Ray Data's
+# one-CPU tasks short of a whole core on a small node.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 128 * 1024**2}
+# On a fixed-size (local) cluster, concurrent trials must leave this many CPUs to Ray Data, or its augment
+# stage never gets scheduled and every trial hangs (DESIGN.md, CPU starvation).
+DATA_RESERVED_CPUS = 1.0
+
+# TuneConfig search-space field -> the config field it sets (the `--set` name, also the results column).
+SEARCH_FIELDS = {
+    "fusion": "model.fusion",
+    "depth": "model.depth",
+    "d_model": "model.d_model",
+    "num_heads": "model.num_heads",
+    "feature_stride": "model.feature_stride",
+    "dropout": "model.dropout",
+    "label_smoothing": "train.label_smoothing",
+    "lr_range": "train.lr",
+    "backbone_lr_scale": "train.backbone_lr_scale",
+    "weight_decay_range": "train.weight_decay",
+}
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune's param_space: a choice per list with several values, log-uniform per [low, high] *_range.
+
+    One value fixes the parameter for every trial; an empty list leaves the base config's value.
+    """
+    space: dict[str, Any] = {}
+    for name, key in SEARCH_FIELDS.items():
+        values = list(getattr(cfg.tune, name))
+        if not values:
+            continue
+        if name.endswith("_range"):
+            if len(values) > 2 or min(values) <= 0 or values[0] > values[-1]:
+                raise ConfigError(f"tune.{name} must be [low, high] with 0 < low <= high (log-uniform); got {values}")
+            space[key] = values[0] if values[0] == values[-1] else ray_tune.loguniform(values[0], values[-1])
+        else:
+            space[key] = values[0] if len(set(values)) == 1 else ray_tune.choice(values)
+    return space
+
+
+def searched_params(cfg: Config) -> list[str]:
+    """The config fields that vary between trials."""
+    return [key for key, value in search_space(cfg).items() if isinstance(value, Domain)]
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """`base` with a trial's sampled parameters applied (num_heads fixed up to divide d_model), validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    cfg = dataclasses.replace(
+        base, **{s: dataclasses.replace(getattr(base, s), **fields) for s, fields in sections.items()}
+    )
+    if cfg.model.d_model % cfg.model.num_heads:
+        # d_model and heads are sampled independently; take the listed head count nearest the sampled one
+        # that divides d_model (check_space guarantees there is one).
+        heads = [h for h in cfg.tune.num_heads if cfg.model.d_model % h == 0]
+        nearest = min(heads, key=lambda h: (abs(h - cfg.model.num_heads), h))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_heads=nearest))
+    validate(cfg)
+    return cfg
+
+
+def check_space(cfg: Config) -> None:
+    """Every value of the space gives a valid trial config; fails before any trial starts."""
+    space = search_space(cfg)
+    if not space:
+        raise ConfigError("the tune search space is empty: set at least one of tune." + ", tune.".join(SEARCH_FIELDS))
+    for key in ("model.d_model", "model.num_heads", "model.depth"):
+        if any(v < 1 for v in _options(space.get(key, 1))):
+            raise ConfigError(f"tune: every {key} value must be at least 1")
+    heads = cfg.tune.num_heads or [cfg.model.num_heads]
+    for d_model in cfg.tune.d_model or [cfg.model.d_model]:
+        if not any(d_model % h == 0 for h in heads):
+            raise ConfigError(f"tune: no head count in {heads} divides d_model {d_model}; add one to tune.num_heads")
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_heads=1))  # heads checked above
+    for key, value in space.items():
+        for option in _options(value) if key != "model.num_heads" else []:
+            try:
+                trial_config(probe, {key: option})
+            except ConfigError as e:
+                raise ConfigError(f"tune search space, {key}={option!r}: {e}") from None
+    if not 1 <= cfg.tune.grace_period <= cfg.train.epochs:
+        raise ConfigError(f"tune.grace_period must be between 1 and train.epochs ({cfg.train.epochs})")
+    if cfg.tune.reduction_factor < 2 or cfg.tune.num_samples < 1 or cfg.tune.max_concurrent_trials < 1:
+        raise ConfigError("tune.reduction_factor must be at least 2, tune.num_samples and max_concurrent_trials 1")
+    if cfg.tune.cpus_per_trial <= 0:
+        raise ConfigError(f"tune.cpus_per_trial must be positive; got {cfg.tune.cpus_per_trial}")
+    if cfg.tune.gpus_per_trial not in (0, cfg.train.num_workers):
+        raise ConfigError(
+            f"tune.gpus_per_trial must be 0 or train.num_workers ({cfg.train.num_workers}: one GPU per worker);"
+            f" got {cfg.tune.gpus_per_trial}"
+        )
+
+
+def with_trial_resources(cfg: Config, concurrency: int, cluster_cpus: float | None) -> Config:
+    """Each trial's Train workers share tune.cpus_per_trial / gpus_per_trial; on a fixed-size cluster of
+    `cluster_cpus`, the concurrent trials also share its cores for torch threads instead of oversubscribing them."""
+    t, workers = cfg.tune, cfg.train.num_workers
+    train = dataclasses.replace(cfg.train, cpus_per_worker=t.cpus_per_trial / workers, use_gpu=t.gpus_per_trial > 0)
+    if cluster_cpus and not train.torch_threads:
+        train = dataclasses.replace(train, torch_threads=max(1, int(cluster_cpus) // (concurrency * workers)))
+    return dataclasses.replace(cfg, train=train)
+
+
+def fit_concurrency(requested: int, cluster: dict[str, float], cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials a fixed-size cluster can run at once while Ray Data keeps DATA_RESERVED_CPUS."""
+    cpus = cluster.get("CPU", 0.0) - DATA_RESERVED_CPUS
+    fits = math.floor(cpus / cpus_per_trial + 1e-9)
+    if gpus_per_trial:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / gpus_per_trial))
+    if fits < 1:
+        raise ConfigError(
+            f"one trial needs {cpus_per_trial} CPUs and {gpus_per_trial} GPUs (plus {DATA_RESERVED_CPUS} CPU kept for"
+            f" Ray Data), but the Ray cluster has {cluster.get('CPU', 0)} CPUs and {cluster.get('GPU', 0)} GPUs:"
+            " lower tune.cpus_per_trial / gpus_per_trial"
+        )
+    return min(requested, fits)
+
+
+def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str) -> None:
+    """The function trainable: one Ray Train run, resumed from its own checkpoints when Tune restarts it."""
+    cfg = trial_config(base, params)
+    # Concurrent trials' Ray Data progress bars interleave into noise under Tune's own trial table.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = ray_tune.get_context().get_trial_id()
+    record_attempt(storage.join(runs_uri, trial_id, "attempts.json"), cfg)
+    callbacks = [TuneReportCallback(), RecordPlacementGroup(record_uri(runs_uri, trial_id), cfg.storage)]
+    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
+
+
+def record_attempt(uri: str, cfg: Config) -> None:
+    """Append this start to the trial's attempts log: the results table shows which trials were resumed."""
+    attempts = json.loads(storage.read_bytes(uri, cfg.storage)) if storage.exists(uri, cfg.storage) else []
+    attempts.append({"started_at": time.time(), "pid": os.getpid()})
+    storage.write_bytes(uri, json.dumps(attempts).encode(), cfg.storage)
+
+
+def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
+    """Run (or resume) the search; write the results table, best config, best package and plot under `out_uri`."""
+    started = time.time()
+    check_space(cfg)
+    experiment_uri, runs_uri = storage.join(out_uri, "_tune"), storage.join(out_uri, "_trials")
+    fs, experiment_path = storage.arrow_filesystem(experiment_uri, cfg.storage)
+    resuming = ray_tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    check_same_search(storage.join(out_uri, "search_config.yaml"), cfg, resuming)
+
+    ensure_ray()
+    concurrency, fixed_cpus = cfg.tune.max_concurrent_trials, None
+    if not os.environ.get("RAY_ADDRESS"):  # a local cluster cannot grow; a remote one may autoscale
+        cluster = ray.cluster_resources()
+        concurrency = fit_concurrency(concurrency, cluster, cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial)
+        fixed_cpus = cluster.get("CPU")
+        if concurrency < cfg.tune.max_concurrent_trials:
+            log.warning(
+                "running %d trials at a time, not %d: that is what fits", concurrency, cfg.tune.max_concurrent_trials
+            )
+    base = with_trial_resources(cfg, concurrency, fixed_cpus)
+    inputs = prepare_inputs(data_uri, base)
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, inputs=inputs, base=base, runs_uri=runs_uri),
+        TRIAL_DRIVER_RESOURCES,
+    )
+    if resuming:
+        # Tune keeps the search's own settings (space, samples, concurrency, scheduler) from its first run.
+        log.info("resuming the search in %s", experiment_uri)
+        tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
+    grid = tuner.fit()
+
+    rows = trial_rows(grid, base, runs_uri)
+    release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
+    summary = write_outputs(rows, inputs, base, out_uri, runs_uri)
+    summary |= {
+        "resumed": resuming,
+        "duration_s": round(time.time() - started, 1),
+        "time_budget_s": cfg.tune.time_budget_s,
+    }
+    storage.write_bytes(storage.join(out_uri, "tune_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
+    return summary
+
+
+def new_tuner(
+    trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any, runs_uri: str
+) -> ray_tune.Tuner:
+    t = cfg.tune
+    return ray_tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=ray_tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=t.num_samples,
+            time_budget_s=t.time_budget_s or None,
+            # The generator itself limits concurrency: Tune ignores max_concurrent_trials next to a search_alg.
+            search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",  # the epoch a trial reached, right even after a resume
+                max_t=cfg.train.epochs,
+                grace_period=t.grace_period,
+                reduction_factor=t.reduction_factor,
+            ),
+        ),
+        run_config=ray_tune.RunConfig(
+            name=Path(experiment_path).name,
+            storage_path=Path(experiment_path).parent.as_posix(),
+            storage_filesystem=fs,
+            callbacks=[ReleasePlacementGroups(runs_uri, cfg.storage)],
+            verbose=1,
+        ),
+    )
+
+
+def check_same_search(uri: str, cfg: Config, resuming: bool) -> None:
+    """A restored search keeps its trials' configs and space; a rerun with other settings would mix two searches."""
+    current = {k: v for k, v in to_dict(cfg).items() if k != "storage"}
+    if resuming and storage.exists(uri, cfg.storage):
+        saved = yaml.safe_load(storage.read_bytes(uri, cfg.storage)) or {}
+        changed = sorted(
+            f"{section}.{key}"
+            for section, fields in current.items()
+            for key, value in fields.items()
+            if (saved.get(section) or {}).get(key) != value
+        )
+        if changed:
+            raise ConfigError(
+                f"this --out holds a search run with other settings ({', '.join(changed)}): rerun with the same"
+                " config to resume it, or use a new --out"
+            )
+    else:
+        storage.write_bytes(uri, yaml.safe_dump(current, sort_keys=False).encode(), cfg.storage)
+
+
+def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[dict]:
+    """One row per trial: status, its parameters, its best epoch's validation figures, epochs run, attempts."""
+    params = list(search_space(base))
+    analysis = ray_tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    results = {result.path: result for result in grid}
+    rows = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        result = results.get(trial.path)
+        cfg = trial_config(base, {k: v for k, v in trial.config.items() if k in params})
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        reported = history is not None and METRIC in history and history[METRIC].notna().any()
+        best = history.loc[history[METRIC].idxmax()] if reported else None
+        epochs_run = int(history["epoch"].max()) if reported else 0
+        error = result.error if result is not None else None
+        attempts_uri = storage.join(runs_uri, trial.trial_id, "attempts.json")
+        attempts = (
+            len(json.loads(storage.read_bytes(attempts_uri, base.storage)))
+            if storage.exists(attempts_uri, base.storage)
+            else 0
+        )
+        if error is not None:
+            status = "error"
+        elif not reported:
+            status = "not_run"
+        else:
+            status = "completed" if epochs_run >= base.train.epochs else "stopped_early"
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "status": status,
+                "stopped_early": status == "stopped_early",
+                **{key: _field(cfg, key) for key in params},
+                "val_macro_f1": float(best[METRIC]) if reported else None,
+                "val_accuracy": float(best["val_accuracy"]) if reported else None,
+                "best_epoch": int(best["epoch"]) if reported else None,
+                "epochs_run": epochs_run,
+                "epochs": base.train.epochs,
+                "attempts": attempts,
+                "train_img_s": float(history["train_img_s"].iloc[-1]) if reported else None,
+                "error": str(error).strip().splitlines()[-1][:500] if error is not None else None,
+            }
+        )
+    return rows
+
+
+def write_outputs(rows: list[dict], inputs: TrainInputs, base: Config, out_uri: str, runs_uri: str) -> dict:
+    table = pa.Table.from_pylist(rows)
+    for name, write in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
+        buffer = io.BytesIO()
+        write(table, buffer)
+        storage.write_bytes(storage.join(out_uri, name), buffer.getvalue(), base.storage)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped_early", "error")}
+    summary: dict[str, Any] = {"trials": len(rows), **counts, "not_run": len(rows) - sum(counts.values())}
+    scored = [r for r in rows if r["val_macro_f1"] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial reported a validation result; see {storage.join(out_uri, 'results.csv')}")
+
+    params = searched_params(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(tmp) / "plot.png"
+        plot_metric_by_param(scored, params, METRIC, plot)
+        storage.write_bytes(storage.join(out_uri, "macro_f1_by_param.png"), plot.read_bytes(), base.storage)
+
+    best = max(scored, key=lambda r: (r[METRIC], r["val_accuracy"]))
+    best_cfg = trial_config(base, {key: best[key] for key in search_space(base)})
+    header = f"# best trial {best['trial_id']}: val macro-F1 {best[METRIC]:.4f}, accuracy {best['val_accuracy']:.4f}\n"
+    body = yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
+    storage.write_bytes(storage.join(out_uri, "best_config.yaml"), (header + body).encode(), base.storage)
+    fs, runs_path = storage.arrow_filesystem(runs_uri, base.storage)
+    result = ray.train.Result.from_path(f"{runs_path}/{best['trial_id']}", storage_filesystem=fs)
+    package = export_package(result, inputs, best_cfg, storage.join(out_uri, "best"))
+    return summary | {
+        "best": {
+            "trial_id": best["trial_id"],
+            **{key: best[key] for key in params},
+            "val_macro_f1": best[METRIC],
+            "val_accuracy": best["val_accuracy"],
+            "best_epoch": best["best_epoch"],
+        },
+        "package": package["package"],
+        "model_id": package["model_id"],
+        "results": storage.join(out_uri, "results.parquet"),
+    }
+
+
+def _options(value: Any) -> list:
+    if isinstance(value, Categorical):
+        return list(value.categories)
+    if isinstance(value, Domain):
+        return [value.lower, value.upper]
+    return [value]
+
+
+def _field(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)

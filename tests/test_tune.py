@@ -1,0 +1,226 @@
+"""Ray Tune search: the search space and trial configs, and a real search that is interrupted and resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from ray import tune as ray_tune
+from ray.tune.search.sample import Categorical, Domain
+
+from artfuse.config import ConfigError, load_config
+from artfuse.tune import (
+    check_same_search,
+    check_space,
+    fit_concurrency,
+    search_space,
+    searched_params,
+    trial_config,
+    with_trial_resources,
+)
+
+# Tiny, but on the pretrained backbone (no slower at 64 px): after one epoch the trials differ, so ASHA has
+# something to rank (from scratch they all sit at chance, tie, and nothing is ever below the cutoff).
+TINY = [
+    "model.img_size=64",
+    "train.epochs=2",
+    "train.warmup_epochs=0",
+    "train.batch_size=16",
+    "tune.d_model=[32]",
+    "tune.num_heads=[2,4]",
+    "tune.depth=[1]",
+    "tune.lr_range=[0.001,0.01]",
+    "tune.grace_period=1",
+    "tune.reduction_factor=3",
+    "tune.max_concurrent_trials=2",
+]
+N_TRIALS = 4
+SEARCH_TIMEOUT_S = 420
+
+
+def test_default_space_searches_every_listed_parameter():
+    cfg = load_config()
+    space = search_space(cfg)
+    assert set(space) == set(searched_params(cfg))
+    assert isinstance(space["model.fusion"], Categorical)
+    assert set(space["model.fusion"].categories) == {"concat", "gated", "cross_attention"}
+    assert space["train.lr"].lower == cfg.tune.lr_range[0] and space["train.lr"].upper == cfg.tune.lr_range[1]
+    check_space(cfg)
+
+
+def test_single_values_are_fixed_and_empty_lists_keep_the_base():
+    cfg = load_config(None, ["tune.depth=[3]", "tune.fusion=[]", "tune.lr_range=[0.002]", "model.fusion=gated"])
+    space = search_space(cfg)
+    assert space["model.depth"] == 3 and space["train.lr"] == 0.002
+    assert "model.fusion" not in space
+    assert "model.depth" not in searched_params(cfg)
+    trial = trial_config(cfg, {k: v for k, v in space.items() if not isinstance(v, Domain)})
+    assert (trial.model.depth, trial.train.lr, trial.model.fusion) == (3, 0.002, "gated")
+
+
+def test_trial_config_picks_a_head_count_that_divides_d_model():
+    cfg = load_config(None, ["tune.d_model=[96,128]", "tune.num_heads=[3,4,8]"])
+    assert trial_config(cfg, {"model.d_model": 128, "model.num_heads": 3}).model.num_heads == 4
+    assert trial_config(cfg, {"model.d_model": 96, "model.num_heads": 8}).model.num_heads == 8
+    assert trial_config(cfg, {"model.d_model": 96, "model.num_heads": 3}).model.num_heads == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["tune.d_model=[30]", "tune.num_heads=[4,8]"], "divides d_model 30"),
+        (["tune.fusion=[concat,sum]"], "model.fusion='sum'"),
+        (["tune.feature_stride=[16,64]"], "model.feature_stride=64"),
+        (["tune.lr_range=[0.01,0.001]"], "tune.lr_range"),
+        (["tune.weight_decay_range=[0,0.1]"], "tune.weight_decay_range"),
+        (["tune.grace_period=20", "train.epochs=4"], "tune.grace_period"),
+        (["tune.gpus_per_trial=0.5"], "tune.gpus_per_trial"),
+        (["tune.num_heads=[0]"], "at least 1"),
+    ],
+)
+def test_a_bad_space_fails_before_any_trial(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        check_space(load_config(None, overrides))
+
+
+def test_trial_resources_and_concurrency_fit_the_cluster():
+    cfg = load_config(None, ["tune.cpus_per_trial=1.0", "train.num_workers=2", "tune.gpus_per_trial=2"])
+    trial = with_trial_resources(cfg, concurrency=1, cluster_cpus=None)
+    assert (trial.train.cpus_per_worker, trial.train.use_gpu, trial.train.torch_threads) == (0.5, True, 0)
+    local = with_trial_resources(load_config(), concurrency=2, cluster_cpus=2.0)
+    assert local.train.cpus_per_worker == 0.5 and local.train.torch_threads == 1
+
+    # 2 cores: two trials at 0.5 CPU leave one whole CPU to Ray Data; a third would starve it.
+    assert fit_concurrency(4, {"CPU": 2.0}, 0.5, 0.0) == 2
+    assert fit_concurrency(1, {"CPU": 2.0}, 0.5, 0.0) == 1
+    assert fit_concurrency(8, {"CPU": 64.0, "GPU": 4.0}, 4.0, 1.0) == 4
+    with pytest.raises(ConfigError, match="lower tune.cpus_per_trial"):
+        fit_concurrency(2, {"CPU": 2.0}, 2.0, 0.0)
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    uri = str(tmp_path / "search_config.yaml")
+    cfg = load_config(None, TINY)
+    check_same_search(uri, cfg, resuming=False)
+    check_same_search(uri, cfg, resuming=True)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5))
+    with pytest.raises(ConfigError, match="train.epochs"):
+        check_same_search(uri, changed, resuming=True)
+
+
+def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
+    from artfuse.cli import main
+
+    code = main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "tune.num_heads=[5]"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("artfuse tune: error:") and "\n" not in err
+
+
+def _tune_command(data: Path, out: Path) -> list[str]:
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "artfuse.cli",
+        "tune",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--samples",
+        str(N_TRIALS),
+        *sets,
+    ]
+
+
+def _persisted_statuses(experiment: Path) -> dict[str, str]:
+    """Trial statuses as Tune last saved them: what a restore starts from."""
+    if not ray_tune.Tuner.can_restore(str(experiment)):
+        return {}
+    try:
+        analysis = ray_tune.ExperimentAnalysis(str(experiment))
+    except (ValueError, OSError, json.JSONDecodeError):  # a state file being replaced right now
+        return {}
+    return {trial.trial_id: trial.status for trial in analysis.trials}
+
+
+@pytest.mark.slow
+def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
+    from artfuse.samples import generate_samples
+
+    data, out, log_path = tmp_path / "samples", tmp_path / "search", tmp_path / "first.log"
+    generate_samples(str(data), n=60, seed=0)
+
+    # First run: kill its whole process group (driver and local Ray) once Tune has saved a finished trial and
+    # another trial is midway (it has checkpointed an epoch, and Tune has not saved it as finished).
+    with log_path.open("w") as log:
+        first = subprocess.Popen(_tune_command(data, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + SEARCH_TIMEOUT_S
+        finished: set[str] = set()
+        midway: set[str] = set()
+        while time.time() < deadline and first.poll() is None:
+            finished = {t for t, s in _persisted_statuses(out / "_tune").items() if s == "TERMINATED"}
+            midway = {p.parent.name for p in (out / "_trials").glob("*/checkpoint_manager_snapshot.json")} - finished
+            if finished and midway:
+                break
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert finished and midway, log_path.read_text()[-3000:]
+    assert not (out / "results.csv").exists(), "the search ended before it could be interrupted"
+    started_before = {p.parent.name for p in (out / "_trials").glob("*/attempts.json")}
+    snapshots_before = {t: (out / "_trials" / t / "checkpoint_manager_snapshot.json").read_text() for t in finished}
+
+    # Rerun the same command: it restores the search and completes what is left.
+    second = subprocess.run(_tune_command(data, out), capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    report = json.loads((out / "tune_report.json").read_text())
+    assert report["resumed"] is True
+
+    rows = {r["trial_id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert pacsv.read_csv(out / "results.csv").num_rows == len(rows) == N_TRIALS
+    assert {r["status"] for r in rows.values()} <= {"completed", "stopped_early"}
+    for trial_id in finished:  # finished before the kill: not run again
+        assert rows[trial_id]["attempts"] == 1
+        assert (out / "_trials" / trial_id / "checkpoint_manager_snapshot.json").read_text() == snapshots_before[
+            trial_id
+        ]
+    for trial_id in started_before - finished:  # interrupted: started again, continuing from their own checkpoints
+        assert rows[trial_id]["attempts"] == 2
+    assert "resuming from the checkpoint of epoch" in second.stdout + second.stderr
+    assert all(rows[t]["attempts"] == 1 for t in set(rows) - started_before)
+
+    # ASHA: trials below the cutoff at epoch 1 stop there, and the table says so.
+    stopped = [r for r in rows.values() if r["stopped_early"]]
+    assert stopped and all(r["epochs_run"] < r["epochs"] == 2 for r in stopped)
+    assert all(r["epochs_run"] == 2 for r in rows.values() if r["status"] == "completed")
+    assert report["stopped_early"] == len(stopped) and report["trials"] == N_TRIALS
+    for param in ("model.fusion", "model.num_heads", "model.feature_stride", "train.lr", "train.weight_decay"):
+        assert all(r[param] is not None for r in rows.values())
+    assert (out / "macro_f1_by_param.png").stat().st_size > 0
+
+    best = max(rows.values(), key=lambda r: (r["val_macro_f1"], r["val_accuracy"]))
+    assert report["best"]["trial_id"] == best["trial_id"]
+    best_cfg = load_config(out / "best_config.yaml")
+    assert best_cfg.model.fusion == best["model.fusion"] and best_cfg.train.lr == pytest.approx(best["train.lr"])
+    assert best_cfg.model.d_model % best_cfg.model.num_heads == 0
+
+    from artfuse.label import label
+    from artfuse.package import load_package
+
+    package = load_package(str(out / "best"))
+    assert package.model_config.fusion == best["model.fusion"]
+    assert package.meta["metrics"]["tasks"]["label"]["macro_f1"] == pytest.approx(best["val_macro_f1"])
+    request.getfixturevalue("ray_local")  # only now: the searches above ran their own local Ray
+    labelled = label(str(out / "best"), str(data), str(tmp_path / "predictions"), best_cfg)
+    assert labelled["labelled"] == 60 and labelled["errors"] == 0

@@ -5,8 +5,8 @@ slowest stage running alone (DESIGN.md, performance model and bench.json).
 
 - model alone: `Predictor` (as the label actors run it) on random uint8 batches at the package's resize, in this
   process, on the device and thread count the label actors would use;
-- decode alone: read + `decode_image` of the generated JPEG files in a process pool over every core (the CPU
-  stage's work without Ray); with GPU decode, nvJPEG alone is reported beside it;
+- decode alone: `decode_image` of the generated JPEGs in memory, one process per core (the CPU stage's work
+  without Ray or storage); with GPU decode, nvJPEG alone is reported beside it;
 - pipeline: `label.label` over the same files into a temporary folder (start-up included, listing excluded),
   as many as min(model, decode) would get through in `bench.pipeline_seconds`, so start-up weighs little.
 
@@ -36,7 +36,7 @@ from PIL import Image
 from artfuse import storage
 from artfuse.config import Config
 from artfuse.gpudecode import decode_jpegs
-from artfuse.images import decode_image
+from artfuse.images import bench_decode
 from artfuse.label import available_cpus, label, uses_gpu_decode
 from artfuse.models import create_model, data_config
 from artfuse.package import load_package, save_package
@@ -60,17 +60,16 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
         package = load_package(model_uri, cfg.storage)
         size = package.preprocess.resize
         jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
-        inputs = Path(tmp, "input")
-        paths = write_collection(inputs, jpegs, b.n_images)
 
         device = pick_device(cfg.label.num_gpus_per_actor > 0)
         model_img_s = model_alone(package, device, cfg.label.batch_size, b.model_batches, cfg.label.torch_threads)
-        decode_img_s = decode_alone(paths, size, cfg.data.max_pixels)
+        decode_img_s = decode_alone(jpegs, b.n_images, size)
         gpu_decode_img_s = None
         if uses_gpu_decode(cfg.label):
             gpu_decode_img_s = gpu_decode_alone(jpegs, b.n_images, size, device, cfg.label.batch_size)
         # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.
         n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(model_img_s, decode_img_s)))
+        inputs = Path(tmp, "input")
         write_collection(inputs, jpegs, n_pipeline)
         log.info("bench: labelling %d images", n_pipeline)
         ensure_ray()
@@ -125,36 +124,25 @@ def synthetic_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[byte
     return jpegs
 
 
-def write_collection(folder: Path, jpegs: list[bytes], n: int) -> list[str]:
-    """Files 0..n-1 in `folder` (kept where present): the distinct JPEGs, then hard links to them (no disk)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def write_collection(folder: Path, jpegs: list[bytes], n: int) -> None:
+    """Files 0..n-1 in `folder`: the distinct JPEGs, then hard links to them (no disk, many objects)."""
+    folder.mkdir(parents=True)
     paths = [folder / f"{i:07d}.jpg" for i in range(n)]
     for i, path in enumerate(paths):
-        if path.exists():
-            continue
         if i < len(jpegs):
             path.write_bytes(jpegs[i])
         else:
             os.link(paths[i % len(jpegs)], path)
-    return [str(path) for path in paths]
 
 
-def decode_alone(paths: list[str], size: int, max_pixels: int) -> float:
-    """Images/s of read + decode_image over every core, in worker processes started (and warmed) beforehand."""
+def decode_alone(jpegs: list[bytes], n: int, size: int) -> float:
+    """Images/s of `decode_image` on every core: one process per CPU, each timing its share of `n` images
+    (`images.bench_decode`, timed after the bytes arrive); the processes run side by side, so rates add up."""
     workers = available_cpus()
-    chunks = [paths[i::workers] for i in range(workers)]
+    shares = [[jpegs[i % len(jpegs)] for i in range(w, n, workers)] for w in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        list(pool.map(_decode_files, [chunk[:2] for chunk in chunks], [size] * workers, [max_pixels] * workers))
-        start = time.perf_counter()
-        decoded = sum(pool.map(_decode_files, chunks, [size] * workers, [max_pixels] * workers))
-        elapsed = time.perf_counter() - start
-    if decoded != len(paths):
-        raise RuntimeError(f"bench: {len(paths) - decoded} generated images failed to decode")
-    return len(paths) / elapsed
-
-
-def _decode_files(paths: list[str], size: int, max_pixels: int) -> int:
-    return sum(decode_image(Path(p).read_bytes(), size, max_pixels=max_pixels).ok for p in paths)
+        list(pool.map(bench_decode, [share[:1] for share in shares], [size] * workers))  # start-up, untimed
+        return sum(pool.map(bench_decode, shares, [size] * workers))
 
 
 def model_alone(package, device: torch.device, batch_size: int, batches: int, torch_threads: int) -> float:

@@ -288,7 +288,8 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
         fs, root = storage.arrow_filesystem(partition, cfg.storage)
         ds.write_parquet(root, filesystem=fs, min_rows_per_file=max(cfg.label.rows_per_file, 1))
         labelling_s = time.time() - pipeline_started
-        log.debug("Ray Data stats:\n%s", ds.stats())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data stats:\n%s", ds.stats())
         counts = run_counts(partition, run_id, todo, cfg.storage)
         verify_s = time.time() - pipeline_started - labelling_s
     elapsed = time.time() - started

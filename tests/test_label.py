@@ -195,7 +195,7 @@ def test_every_input_gets_one_row_and_reruns_label_only_new_objects(package, tmp
     assert sorted(rows["uri"].to_pylist()) == sorted(listed["uri"].to_pylist())
     for field in prediction_schema({"label": [str(i) for i in range(6)]}, None):
         assert rows.schema.field(field.name).type == field.type, field.name
-    assert set(rows["run_date"].to_pylist()) == {datetime.now(UTC).strftime("%Y-%m-%d")}
+    assert set(rows["run_date"].to_pylist()) == {first["run_date"]} and len(first["run_date"]) == 10
     by_name = {Path(r["uri"]).name: r for r in rows.to_pylist()}
     for name, reason in BAD.items():
         assert by_name[name]["error"].startswith(reason) and by_name[name]["label"] is None

@@ -1,0 +1,35 @@
+"""`artfuse bench`: the three figures, measured in one run on generated JPEGs, and bench.json's keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from artfuse.bench import gpu_decode_alone, synthetic_jpegs
+from artfuse.cli import main
+
+TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
+SMALL_BENCH = ["bench.n_images=24", "bench.width=160", "bench.height=120", "bench.model_batches=2"]
+
+
+def test_bench_writes_the_three_figures_and_their_ratio(tmp_path, ray_local, capsys):
+    settings = [*TINY, *SMALL_BENCH, "bench.pipeline_seconds=0", "label.batch_size=8", "label.decode_batch_size=8"]
+    code = main(["bench", "--out", str(tmp_path / "bench.json"), *(arg for s in settings for arg in ("--set", s))])
+    assert code == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("model_img_s", "decode_img_s", "pipeline_img_s"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(
+        result["pipeline_img_s"] / min(result["model_img_s"], result["decode_img_s"]), abs=0.01
+    )
+    assert result["counts"]["pipeline_images"] == result["counts"]["labelled"] == 24
+    assert result["batch_size"] == 8 and result["image_size"]["width"] == 160
+    assert result["machine"]["cpus"] >= 1 and result["gpu_decode_img_s"] is None
+    assert "ratio pipeline / min(model, decode)" in capsys.readouterr().out
+
+
+def test_gpu_decode_alone_runs_on_any_device():
+    jpegs = synthetic_jpegs(2, 96, 64)
+    assert gpu_decode_alone(jpegs, 8, 32, torch.device("cpu"), batch_size=4) > 0

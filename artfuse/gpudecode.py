@@ -14,27 +14,37 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from artfuse.images import decode_image
 from artfuse.stages import GPU_JPEG, RAW
 
+# JPEGs per nvJPEG call: their full-size pixels live on the GPU until resized (64 x 16 MP is 3 GB at most)
+DECODE_CHUNK = 64
+
 
 def decode_jpegs(datas: Sequence[bytes], size: int, device: torch.device) -> list[torch.Tensor | None]:
     """JPEG bytes -> (size, size, 3) uint8 tensors on `device` (None where the decoder refuses an image)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    out: list[torch.Tensor | None] = []
+    for start in range(0, len(datas), DECODE_CHUNK):
+        chunk = datas[start : start + DECODE_CHUNK]
+        out += [None if image is None else _square(image, size) for image in _decode(chunk, device)]
+    return out
 
+
+def _decode(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
     # bytearray: torch.frombuffer wants a writable buffer; the copy is small next to the decode
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
     try:
-        decoded: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad image fails the whole batched call: find it image by image
-        decoded = []
+        decoded: list[torch.Tensor | None] = []
         for data in encoded:
             try:
                 decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 decoded.append(None)
-    return [None if image is None else _square(image, size) for image in decoded]
+        return decoded
 
 
 def to_device(

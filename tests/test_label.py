@@ -130,7 +130,8 @@ def test_gpu_decode_stage_sends_plain_jpegs_and_decodes_the_rest(tmp_path):
     assert difference.mean() < 4, "the GPU path's crop and resize must match decode_image's"
 
 
-def test_jpeg_the_gpu_decoder_refuses_falls_back_to_decode_image():
+def test_jpeg_the_gpu_decoder_refuses_falls_back_to_decode_image(monkeypatch):
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 2)  # rows must stay aligned across decoder calls
     damaged = bytearray(jpeg(10))
     damaged[len(damaged) // 2 : len(damaged) // 2 + 400] = b"\0" * 400  # damaged scan data, markers intact
     images, errors = gpudecode.to_device(

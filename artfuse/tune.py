@@ -59,6 +59,8 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 128 * 1024**2}
 # stage never gets scheduled and every trial hangs (DESIGN.md, CPU starvation).
 DATA_RESERVED_CPUS = 1.0
 
+SEARCH_SECTIONS = ("model", "data", "train", "tune")  # what a resumed search must be run with again
+
 # TuneConfig search-space field -> the config field it sets (the `--set` name, also the results column).
 SEARCH_FIELDS = {
     "fusion": "model.fusion",
@@ -223,15 +225,19 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
+    searching = time.time()
     grid = tuner.fit()
+    searched_s = time.time() - searching
 
     rows = trial_rows(grid, base, runs_uri)
     release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
-    summary = write_outputs(rows, inputs, base, out_uri, runs_uri)
+    summary = write_outputs(rows, inputs, cfg, base, out_uri, runs_uri)
     summary |= {
         "resumed": resuming,
         "duration_s": round(time.time() - started, 1),
         "time_budget_s": cfg.tune.time_budget_s,
+        # Tune stopped whatever still ran: those trials count as stopped_early too.
+        "time_budget_reached": bool(cfg.tune.time_budget_s) and searched_s >= cfg.tune.time_budget_s,
     }
     storage.write_bytes(storage.join(out_uri, "tune_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
     return summary
@@ -270,7 +276,7 @@ def new_tuner(
 
 def check_same_search(uri: str, cfg: Config, resuming: bool) -> None:
     """A restored search keeps its trials' configs and space; a rerun with other settings would mix two searches."""
-    current = {k: v for k, v in to_dict(cfg).items() if k != "storage"}
+    current = {k: v for k, v in to_dict(cfg).items() if k in SEARCH_SECTIONS}
     if resuming and storage.exists(uri, cfg.storage):
         saved = yaml.safe_load(storage.read_bytes(uri, cfg.storage)) or {}
         changed = sorted(
@@ -333,7 +339,10 @@ def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[d
     return rows
 
 
-def write_outputs(rows: list[dict], inputs: TrainInputs, base: Config, out_uri: str, runs_uri: str) -> dict:
+def write_outputs(
+    rows: list[dict], inputs: TrainInputs, cfg: Config, base: Config, out_uri: str, runs_uri: str
+) -> dict:
+    """Results table, plot, best config and best package. `cfg` is the user's config, `base` the trials' one."""
     table = pa.Table.from_pylist(rows)
     for name, write in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
         buffer = io.BytesIO()
@@ -352,13 +361,14 @@ def write_outputs(rows: list[dict], inputs: TrainInputs, base: Config, out_uri: 
         storage.write_bytes(storage.join(out_uri, "macro_f1_by_param.png"), plot.read_bytes(), base.storage)
 
     best = max(scored, key=lambda r: (r[METRIC], r["val_accuracy"]))
-    best_cfg = trial_config(base, {key: best[key] for key in search_space(base)})
+    best_params = {key: best[key] for key in search_space(base)}
+    # The YAML is for training the winner on its own, so it keeps the user's resources, not the trials' shares.
     header = f"# best trial {best['trial_id']}: val macro-F1 {best[METRIC]:.4f}, accuracy {best['val_accuracy']:.4f}\n"
-    body = yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
+    body = yaml.safe_dump(to_dict(trial_config(cfg, best_params)), sort_keys=False)
     storage.write_bytes(storage.join(out_uri, "best_config.yaml"), (header + body).encode(), base.storage)
     fs, runs_path = storage.arrow_filesystem(runs_uri, base.storage)
     result = ray.train.Result.from_path(f"{runs_path}/{best['trial_id']}", storage_filesystem=fs)
-    package = export_package(result, inputs, best_cfg, storage.join(out_uri, "best"))
+    package = export_package(result, inputs, trial_config(base, best_params), storage.join(out_uri, "best"))
     return summary | {
         "best": {
             "trial_id": best["trial_id"],

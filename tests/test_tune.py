@@ -112,6 +112,7 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
     cfg = load_config(None, TINY)
     check_same_search(uri, cfg, resuming=False)
     check_same_search(uri, cfg, resuming=True)
+    check_same_search(uri, dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, batch_size=7)), True)
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5))
     with pytest.raises(ConfigError, match="train.epochs"):
         check_same_search(uri, changed, resuming=True)
@@ -214,6 +215,7 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     best_cfg = load_config(out / "best_config.yaml")
     assert best_cfg.model.fusion == best["model.fusion"] and best_cfg.train.lr == pytest.approx(best["train.lr"])
     assert best_cfg.model.d_model % best_cfg.model.num_heads == 0
+    assert best_cfg.train.torch_threads == 0  # the user's setting, not the share each concurrent trial got
 
     from artfuse.label import label
     from artfuse.package import load_package

@@ -34,13 +34,15 @@ def create_cnn(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def cnn_at_stride(name: str, stride: int) -> tuple[nn.Module, int]:
+def cnn_at_stride(name: str, stride: int, *, keep_head: bool = False) -> tuple[nn.Module, int | None]:
     """timm CNN `name` cut after its deepest stage at `stride`, and that stage's feature index.
 
     timm's `forward_intermediates(x, indices=[index], intermediates_only=True)` returns the stage's map.
     Unlike `features_only` (whose EfficientNet variant keeps and runs every later stage), the pruned model
     holds no parameter without a gradient, which DistributedDataParallel requires, and computes nothing it
-    discards.
+    discards. With `keep_head` and the network's own last stride, nothing is cut and the index is None: the
+    tokens come from `forward_features`, i.e. after the CNN's pretrained head convolution (Lite0: 320 -> 1280
+    channels), the features a linear probe on the backbone uses.
     """
     model = create_cnn(name, num_classes=0)
     reductions = [stage["reduction"] for stage in model.feature_info]
@@ -48,13 +50,13 @@ def cnn_at_stride(name: str, stride: int) -> tuple[nn.Module, int]:
         raise ConfigError(
             f"model.feature_stride={stride}: {name} has feature maps at strides {sorted(set(reductions))}"
         )
+    if keep_head and stride == reductions[-1]:
+        return model, None
     index = len(reductions) - 1 - reductions[::-1].index(stride)
     try:
         model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
     except NotImplementedError:
-        raise ConfigError(
-            f"model.backbone: {name} cannot be cut at a stage (no forward_intermediates)"
-        ) from None
+        raise ConfigError(f"model.backbone: {name} cannot be cut at a stage (no forward_intermediates)") from None
     return model, index
 
 
@@ -66,9 +68,7 @@ class TaskHeads(nn.ModuleDict):
             raise ConfigError("a model needs at least one task (label column)")
         for name, n_classes in tasks.items():
             if not name or "." in name:
-                raise ConfigError(
-                    f"task name {name!r} cannot be a head name: use a non-empty name without '.'"
-                )
+                raise ConfigError(f"task name {name!r} cannot be a head name: use a non-empty name without '.'")
             if n_classes < 1:
                 raise ConfigError(f"task '{name}' has {n_classes} classes; it needs at least one")
         super().__init__({name: nn.Linear(in_features, n_classes) for name, n_classes in tasks.items()})
@@ -101,9 +101,7 @@ class MultiTaskModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_head(
-        self, x: torch.Tensor, pre_logits: bool = False
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -179,6 +177,7 @@ class FusionNet(MultiTaskModel):
         fusion: str = "concat",
         drop_rate: float = 0.1,
         drop_path_rate: float = 0.0,
+        cnn_head: bool = True,
     ):
         """
         Args:
@@ -193,12 +192,16 @@ class FusionNet(MultiTaskModel):
             fusion: concat | gated | cross_attention.
             drop_rate: dropout on tokens, inside the Transformer and before the heads.
             drop_path_rate: stochastic depth, rising linearly to this over the blocks.
+            cnn_head: at the CNN's last stride, take its features after its own head convolution.
         """
         super().__init__()
         if fusion not in FUSIONS:
             raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
-        self.backbone, self.feature_index = cnn_at_stride(backbone, feature_stride)
-        cnn_dim = self.backbone.feature_info[self.feature_index]["num_chs"]
+        self.backbone, self.feature_index = cnn_at_stride(backbone, feature_stride, keep_head=cnn_head)
+        if self.feature_index is None:
+            cnn_dim = self.backbone.num_features
+        else:
+            cnn_dim = self.backbone.feature_info[self.feature_index]["num_chs"]
         self.grid_size = (img_size // feature_stride, img_size // feature_stride)
 
         self.proj = nn.Conv2d(cnn_dim, d_model, kernel_size=1)
@@ -207,10 +210,7 @@ class FusionNet(MultiTaskModel):
         self.pos_drop = nn.Dropout(drop_rate)
         drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(
-            *[
-                Block(d_model, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop_rate, drop_path=p)
-                for p in drop_paths
-            ]
+            *[Block(d_model, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop_rate, drop_path=p) for p in drop_paths]
         )
         self.norm = nn.LayerNorm(d_model)
         self.fusion = FUSIONS[fusion](cnn_dim, d_model, num_heads, drop_rate)
@@ -239,8 +239,10 @@ class FusionNet(MultiTaskModel):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        fmaps = self.backbone.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)
-        fmap = fmaps[-1]  # (B, C, h, w)
+        if self.feature_index is None:
+            fmap = self.backbone.forward_features(x)  # (B, C, h, w)
+        else:
+            fmap = self.backbone.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[-1]
         tokens = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, h*w, D)
         tokens = tokens + self.position_embedding((fmap.shape[-2], fmap.shape[-1]))
         x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
@@ -266,4 +268,5 @@ def fusion_net(cfg: ModelConfig, tasks: Mapping[str, int]) -> FusionNet:
         fusion=cfg.fusion,
         drop_rate=cfg.dropout,
         drop_path_rate=cfg.drop_path,
+        cnn_head=cfg.cnn_head,
     )

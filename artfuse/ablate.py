@@ -42,8 +42,11 @@ def ablate(data_uri: str, out_uri: str, cfg: Config, archs: tuple[str, ...] = AR
                 "minutes": round((time.time() - started) / 60, 1),
             }
         )
-    storage.write_bytes(storage.join(out_uri, "ablation.csv"), to_csv(rows).encode(), cfg.storage)
-    storage.write_bytes(storage.join(out_uri, "ablation.md"), to_markdown(rows, data_uri, cfg).encode(), cfg.storage)
+        # Rewritten after every architecture, so a long ablation shows its finished rows while it runs.
+        storage.write_bytes(storage.join(out_uri, "ablation.csv"), to_csv(rows).encode(), cfg.storage)
+        storage.write_bytes(
+            storage.join(out_uri, "ablation.md"), to_markdown(rows, data_uri, cfg).encode(), cfg.storage
+        )
     return rows
 
 

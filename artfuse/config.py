@@ -30,7 +30,7 @@ class ModelConfig:
     feature_stride: int = (
         32  # CNN stage that feeds the tokens: 16 (196 tokens at 224 px) or 32 (49 tokens, faster on CPU)
     )
-    cnn_head: bool = True  # at the CNN's last stride, tokens come after its pretrained head conv (Lite0: 1280 ch)
+    cnn_head: bool = False  # at the CNN's last stride, tokens after its pretrained head conv (Lite0: 1280 ch)
     img_size: int = 224  # square input side in pixels
     d_model: int = 192  # Transformer width
     depth: int = 2  # Transformer encoder layers

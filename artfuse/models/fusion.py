@@ -177,7 +177,7 @@ class FusionNet(MultiTaskModel):
         fusion: str = "concat",
         drop_rate: float = 0.1,
         drop_path_rate: float = 0.0,
-        cnn_head: bool = True,
+        cnn_head: bool = False,
     ):
         """
         Args:

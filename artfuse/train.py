@@ -323,6 +323,10 @@ def train_loop(config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}: starting epoch {start_epoch + 1}")
 
+    if history and start_epoch >= cfg.train.epochs:
+        # Restored after its last epoch (a search killed before it saw the end): report the final metrics once,
+        # so whoever follows the run's reports (Tune) still gets its result.
+        ray.train.report(history[-1])
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):

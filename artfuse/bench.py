@@ -1,17 +1,19 @@
 """`artfuse bench`: on this machine, in one run, the model alone, decode alone and the whole label pipeline.
 
 Figures are images/s plus `ratio` = pipeline / min(model, decode): how close the Ray Data pipeline comes to its
-slowest stage running alone (DESIGN.md, performance model and bench.json).
+slowest stage running alone (DESIGN.md, performance model and bench.json). Each stage alone runs where and as
+it runs in the pipeline: in Ray workers (same resources, threads and process priority), on the same Ray.
 
-- model alone: `Predictor` (as the label actors run it) on random uint8 batches at the package's resize, in this
-  process, on the device and thread count the label actors would use;
-- decode alone: `decode_image` of the generated JPEGs in memory, one process per core (the CPU stage's work
-  without Ray or storage); with GPU decode, nvJPEG alone is reported beside it;
-- pipeline: `label.label` over the same files into a temporary folder (start-up included, listing excluded),
-  as many as min(model, decode) would get through in `bench.pipeline_seconds`, so start-up weighs little.
+- model alone: `LabelModel.predict` (the label actor's model step: host->device copy, normalise, forward,
+  softmax) on random uint8 batches at the package's resize, in a Ray task with the actor's CPUs and GPUs;
+- decode alone: `decode_image` of the generated JPEGs in memory, one Ray task per CPU (the CPU stage's work
+  without storage or Ray Data); with GPU decode, nvJPEG alone (in the model's task) is reported beside it;
+- pipeline: `label.label` over the same JPEGs as files into a temporary folder (start-up included, listing
+  excluded), as many as min(model, decode) gets through in `bench.pipeline_seconds`, so start-up weighs little.
 
 Without `--model`, a freshly built model of the configured architecture (random weights) is packaged in a
-temporary folder: speed does not depend on the weights.
+temporary folder: speed does not depend on the weights. Files live in a local temporary folder, so the bench
+runs on one machine.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
 
@@ -37,10 +39,9 @@ from artfuse import storage
 from artfuse.config import Config
 from artfuse.gpudecode import decode_jpegs
 from artfuse.images import bench_decode
-from artfuse.label import available_cpus, label, uses_gpu_decode
+from artfuse.label import LabelModel, actor_runtime_env, available_cpus, label, uses_gpu_decode
 from artfuse.models import create_model, data_config
-from artfuse.package import load_package, save_package
-from artfuse.predict import Predictor, pick_device
+from artfuse.package import read_manifest, save_package
 from artfuse.preprocess import Preprocess
 from artfuse.runtime import ensure_ray
 
@@ -51,50 +52,49 @@ WARMUP_BATCHES = 2
 
 def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> dict:
     """Measure the three figures in one run and return (and, with `out`, write) bench.json's content."""
-    if torch.cuda.is_available() and cfg.label.num_gpus_per_actor <= 0:
+    ensure_ray()
+    if ray.cluster_resources().get("GPU", 0) and cfg.label.num_gpus_per_actor <= 0:
         log.info("a GPU is present: benchmarking with label.num_gpus_per_actor=1")
         cfg = dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, num_gpus_per_actor=1.0))
-    b = cfg.bench
+    b, lc = cfg.bench, cfg.label
     with tempfile.TemporaryDirectory(prefix="artfuse-bench-") as tmp:
         model_uri = model_uri or save_untrained_package(str(Path(tmp, "model")), cfg, {"label": 10})
-        package = load_package(model_uri, cfg.storage)
-        size = package.preprocess.resize
+        manifest = read_manifest(model_uri, cfg.storage)
+        size = Preprocess.from_dict(manifest["preprocess"]).resize
         jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
 
-        device = pick_device(cfg.label.num_gpus_per_actor > 0)
-        model_img_s = model_alone(package, device, cfg.label.batch_size, b.model_batches, cfg.label.torch_threads)
+        on_actor = model_alone.options(
+            num_cpus=lc.cpus_per_actor, num_gpus=lc.num_gpus_per_actor, runtime_env=actor_runtime_env(lc)
+        )
+        alone = ray.get(on_actor.remote(model_uri, cfg, jpegs if uses_gpu_decode(lc) else [], b.n_images))
         decode_img_s = decode_alone(jpegs, b.n_images, size)
-        gpu_decode_img_s = None
-        if uses_gpu_decode(cfg.label):
-            gpu_decode_img_s = gpu_decode_alone(jpegs, b.n_images, size, device, cfg.label.batch_size)
         # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.
-        n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(model_img_s, decode_img_s)))
+        n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(alone["model_img_s"], decode_img_s)))
         inputs = Path(tmp, "input")
         write_collection(inputs, jpegs, n_pipeline)
         log.info("bench: labelling %d images", n_pipeline)
-        ensure_ray()
         report = label(model_uri, str(inputs), str(Path(tmp, "predictions")), cfg)
 
-    pipeline_img_s = report["img_s"]
+    model_img_s, pipeline_img_s = alone["model_img_s"], report["img_s"]
     result = {
         "model_img_s": round(model_img_s, 1),
         "decode_img_s": round(decode_img_s, 1),
         "pipeline_img_s": round(pipeline_img_s, 1),
         "ratio": round(pipeline_img_s / min(model_img_s, decode_img_s), 3),
-        "gpu_decode_img_s": None if gpu_decode_img_s is None else round(gpu_decode_img_s, 1),
-        "machine": machine(device),
-        "batch_size": cfg.label.batch_size,
-        "decode_batch_size": cfg.label.decode_batch_size,
+        "gpu_decode_img_s": alone["gpu_decode_img_s"],
+        "machine": machine() | alone["machine"],
+        "batch_size": lc.batch_size,
+        "decode_batch_size": lc.decode_batch_size,
         "image_size": {"width": b.width, "height": b.height, "jpeg_kb": round(np.mean([len(j) for j in jpegs]) / 1e3)},
-        "model_input": {"resize": size, "img_size": package.preprocess.img_size, "arch": package.model_config.arch},
+        "model_input": {"resize": size, "arch": manifest["architecture"]["arch"]},
         "counts": {
             "decoded_alone": b.n_images,
-            "pipeline_images": report["listed"],
             "model_batches": b.model_batches,
+            "pipeline_images": report["listed"],
             "labelled": report["labelled"],
             "errors": report["errors"],
         },
-        "label": dataclasses.asdict(cfg.label),
+        "label": dataclasses.asdict(lc),
         "pipeline_durations_s": report["durations_s"],
     }
     if out:
@@ -136,30 +136,37 @@ def write_collection(folder: Path, jpegs: list[bytes], n: int) -> None:
 
 
 def decode_alone(jpegs: list[bytes], n: int, size: int) -> float:
-    """Images/s of `decode_image` on every core: one process per CPU, each timing its share of `n` images
-    (`images.bench_decode`, timed after the bytes arrive); the processes run side by side, so rates add up."""
+    """Images/s of `decode_image` on every CPU: one Ray task per CPU, each timing its share of `n` images
+    (`images.bench_decode`, after its bytes arrive); the tasks run side by side, so their rates add up."""
     workers = available_cpus()
     shares = [[jpegs[i % len(jpegs)] for i in range(w, n, workers)] for w in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        list(pool.map(bench_decode, [share[:1] for share in shares], [size] * workers))  # start-up, untimed
-        return sum(pool.map(bench_decode, shares, [size] * workers))
+    task = ray.remote(num_cpus=1)(bench_decode)
+    ray.get([task.remote(share[:1], size) for share in shares])  # start the workers, untimed
+    return float(sum(ray.get([task.remote(share, size) for share in shares])))
 
 
-def model_alone(package, device: torch.device, batch_size: int, batches: int, torch_threads: int) -> float:
-    """Images/s of the Predictor on random uint8 host batches at the package's resize (copy + normalise +
-    forward + softmax, as in the label actor)."""
-    if device.type == "cpu":
-        torch.set_num_threads(torch_threads or available_cpus())
-    predictor = Predictor(package, device)
-    size = package.preprocess.resize
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+@ray.remote
+def model_alone(model_uri: str, cfg: Config, gpu_jpegs: list[bytes], n: int) -> dict:
+    """In a Ray task with the label actor's resources and environment: images/s of `LabelModel.predict` on random uint8
+    batches at the package's resize, and of nvJPEG decode alone when `gpu_jpegs` are given."""
+    model = LabelModel(model_uri, cfg.label, cfg.storage, "bench", datetime.now(UTC))
+    device, batch_size = model.predictor.device, cfg.label.batch_size
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, model.resize, model.resize, 3), dtype=np.uint8)
     for _ in range(WARMUP_BATCHES):
-        predictor(images)
+        model.predict(images)
     start = time.perf_counter()
-    for _ in range(batches):
-        predictor(images)  # returns numpy: the device work is finished when it does
-    return batches * batch_size / (time.perf_counter() - start)
+    for _ in range(cfg.bench.model_batches):
+        model.predict(images)  # returns numpy: the device work is finished when it does
+    model_img_s = cfg.bench.model_batches * batch_size / (time.perf_counter() - start)
+    return {
+        "model_img_s": model_img_s,
+        "gpu_decode_img_s": gpu_decode_alone(gpu_jpegs, n, model.resize, device, batch_size) if gpu_jpegs else None,
+        "machine": {
+            "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
 
 
 def gpu_decode_alone(jpegs: list[bytes], n: int, size: int, device: torch.device, batch_size: int) -> float:
@@ -171,7 +178,7 @@ def gpu_decode_alone(jpegs: list[bytes], n: int, size: int, device: torch.device
     for _ in range(max(1, n // batch_size)):
         decode_jpegs(batch, size, device)
     _synchronize(device)
-    return max(1, n // batch_size) * batch_size / (time.perf_counter() - start)
+    return round(max(1, n // batch_size) * batch_size / (time.perf_counter() - start), 1)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -179,12 +186,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def machine(device: torch.device) -> dict:
+def machine() -> dict:
     return {
         "cpus": available_cpus(),
         "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch_threads": torch.get_num_threads(),
         "hostname": platform.node(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
@@ -194,7 +199,7 @@ def format_bench(result: dict) -> str:
     """The figures as a few lines for people."""
     lines = [
         f"model alone     {result['model_img_s']:>9.1f} img/s  (batch {result['batch_size']})",
-        f"decode alone    {result['decode_img_s']:>9.1f} img/s  ({result['machine']['cpus']} processes)",
+        f"decode alone    {result['decode_img_s']:>9.1f} img/s  ({result['machine']['cpus']} Ray tasks)",
     ]
     if result["gpu_decode_img_s"] is not None:
         lines.append(f"nvJPEG alone    {result['gpu_decode_img_s']:>9.1f} img/s")

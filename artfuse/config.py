@@ -129,7 +129,7 @@ class BenchConfig:
     width: int = 1024  # generated image size
     height: int = 768
     model_batches: int = 10  # timed model batches
-    pipeline_seconds: float = 30.0  # pipeline size: what min(model, decode) labels in this time (start-up is small)
+    pipeline_seconds: float = 60.0  # pipeline size: what min(model, decode) labels in this time (start-up is small)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from artfuse import gpudecode, stages, storage
 from artfuse.catalog import list_inputs
 from artfuse.config import Config, LabelConfig, StorageConfig
 from artfuse.package import load_package, read_manifest
-from artfuse.predict import Predictor, pick_device
+from artfuse.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 from artfuse.preprocess import Preprocess
 from artfuse.runtime import ensure_ray
 
@@ -144,18 +144,22 @@ class LabelModel:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.threads:
-            # OpenMP keeps the thread count per calling thread, and Ray Data calls this from another thread than
-            # __init__'s, where Ray's OMP_NUM_THREADS would leave the model one thread: set it here, every time.
-            torch.set_num_threads(self.threads)
         ok = stages.decoded_ok(batch["error"])
         if self.gpu_decode:
             images = self._decode_on_device(batch, ok)
             ok = stages.decoded_ok(batch["error"])
         else:
             images = batch["image"] if ok.all() else batch["image"][ok]
-        outputs = self.predictor(images, embeddings=self.embeddings) if ok.any() else {}
+        outputs = self.predict(images) if ok.any() else {}
         return prediction_rows(batch, outputs, **self.row_args)
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """The model on decoded images (`Predictor`'s output), with this actor's threads."""
+        if self.threads:
+            # OpenMP keeps the thread count per calling thread, and Ray Data calls from another thread than
+            # __init__'s, where Ray's OMP_NUM_THREADS would leave the model one thread: set it here, every time.
+            torch.set_num_threads(self.threads)
+        return self.predictor(images, embeddings=self.embeddings)
 
     def _decode_on_device(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> torch.Tensor:
         """The ok rows' images on the model's device; rows that fail to decode here get their error in `batch`."""
@@ -235,7 +239,13 @@ def prediction_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
         num_gpus=lc.num_gpus_per_actor,
         num_cpus=lc.cpus_per_actor,
+        runtime_env=actor_runtime_env(lc),
     )
+
+
+def actor_runtime_env(cfg: LabelConfig) -> dict | None:
+    """A CPU model actor runs the model outside its main thread: it needs `CPU_INFERENCE_ENV` from the start."""
+    return {"env_vars": CPU_INFERENCE_ENV} if cfg.num_gpus_per_actor <= 0 else None
 
 
 def labelled_inputs(out_uri: str, storage_config: StorageConfig | None) -> pa.Table:

@@ -6,6 +6,8 @@ Used by the labelling actors, `evaluate` and `bench`, so all three run the model
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 
 import numpy as np
 import torch
@@ -19,10 +21,37 @@ def pick_device(use_gpu: bool | None = None) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+KEPT_BLOCK_BYTES = 1 << 30  # freed blocks up to this size stay in the process for the next batch
+# For a process that runs the model on CPU outside its main thread (a Ray Data actor): glibc gives other threads
+# arenas of their own, which map and unmap each large block whatever `keep_freed_memory` says; with one arena,
+# every thread gets the main one. It must be in the environment when the process starts.
+CPU_INFERENCE_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep large freed blocks for reuse instead of returning each one to the OS.
+
+    By default every allocation above 32 MB is its own mmap, so each CPU forward pass page-faults all of its
+    activations in again: half the CPU time went to the kernel and the model ran at a third of its speed
+    (2-core VM, EfficientNet-Lite0 fusion at 224 px: 57 -> 200 img/s). The price: the process keeps its peak heap.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 class Predictor:
     def __init__(self, package: Package, device: torch.device | str = "cpu", *, compile: bool = False):
         self.package = package
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         model = package.model.to(self.device).eval()
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)

@@ -11,6 +11,11 @@ it runs in the pipeline: in Ray workers (same resources, threads and process pri
 - pipeline: `label.label` over the same JPEGs as files into a temporary folder (start-up included, listing
   excluded), as many as min(model, decode) gets through in `bench.pipeline_seconds`, so start-up weighs little.
 
+`artfuse bench --memory N [N ...]` instead labels collections of each size N on the same local Ray and reports
+the job's peak memory for each: PSS (shared pages split between their processes, so the object store counts once)
+summed over this process and every process it started (the local Ray node: raylet, GCS, workers), sampled every
+MEMORY_SAMPLE_S. If the pipeline streams, the peak does not grow with N.
+
 Without `--model`, a freshly built model of the configured architecture (random weights) is packaged in a
 temporary folder: speed does not depend on the weights. Files live in a local temporary folder, so the bench
 runs on one machine.
@@ -26,17 +31,19 @@ import math
 import os
 import platform
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 import torch
 from PIL import Image
 
 from artfuse import storage
-from artfuse.config import Config
+from artfuse.config import Config, ConfigError
 from artfuse.gpudecode import decode_jpegs
 from artfuse.images import bench_decode
 from artfuse.label import LabelModel, actor_runtime_env, available_cpus, label, uses_gpu_decode
@@ -48,6 +55,7 @@ from artfuse.runtime import ensure_ray
 log = logging.getLogger(__name__)
 DISTINCT_IMAGES = 16  # generated once, then repeated as files: decode cost does not depend on repetition
 WARMUP_BATCHES = 2
+MEMORY_SAMPLE_S = 0.5
 
 
 def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> dict:
@@ -100,6 +108,82 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
     if out:
         storage.write_bytes(out, json.dumps(result, indent=1).encode(), cfg.storage)
     return result
+
+
+def bench_memory(cfg: Config, sizes: list[int], model_uri: str | None = None, out: str | None = None) -> dict:
+    """Peak memory of `label` over generated collections of each size, one after another on the same local Ray."""
+    if os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("bench --memory measures the processes of a local Ray: unset RAY_ADDRESS")
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"bench --memory needs collection sizes of at least 1; got {sizes}")
+    ensure_ray()
+    b, runs = cfg.bench, []
+    with tempfile.TemporaryDirectory(prefix="artfuse-bench-") as tmp:
+        model_uri = model_uri or save_untrained_package(str(Path(tmp, "model")), cfg, {"label": 10})
+        jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
+        for n in sizes:
+            inputs = Path(tmp, f"input-{n}")
+            write_collection(inputs, jpegs, n)
+            log.info("bench: labelling %d images, sampling memory", n)
+            with PeakMemory() as peak:
+                report = label(model_uri, str(inputs), str(Path(tmp, f"predictions-{n}")), cfg)
+            runs.append(
+                {
+                    "images": n,
+                    "peak_pss_mb": round(peak.bytes / 2**20),
+                    "peak_processes": peak.processes,
+                    "labelled": report["labelled"],
+                    "errors": report["errors"],
+                    "img_s": round(report["img_s"], 1),
+                }
+            )
+    result = {
+        "runs": runs,
+        "peak_growth": round(runs[-1]["peak_pss_mb"] / runs[0]["peak_pss_mb"], 3),
+        "machine": machine(),
+        "image_size": {"width": b.width, "height": b.height},
+        "label": dataclasses.asdict(cfg.label),
+    }
+    if out:
+        storage.write_bytes(out, json.dumps(result, indent=1).encode(), cfg.storage)
+    return result
+
+
+class PeakMemory:
+    """Samples, in a thread, the PSS summed over this process and its descendants; keeps the largest sum."""
+
+    def __init__(self, every_s: float = MEMORY_SAMPLE_S):
+        self.every_s = every_s
+        self.bytes = 0
+        self.processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        total, count = 0, 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_full_info().pss
+                count += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass  # ended between listing and reading
+        if total > self.bytes:
+            self.bytes, self.processes = total, count
 
 
 def save_untrained_package(uri: str, cfg: Config, tasks: dict[str, int]) -> str:
@@ -193,6 +277,12 @@ def machine() -> dict:
         "hostname": platform.node(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def format_memory(result: dict) -> str:
+    lines = [f"{r['images']:>8d} images: peak {r['peak_pss_mb']:>6d} MB PSS over {r['peak_processes']} processes,"
+             f" {r['img_s']:.1f} img/s" for r in result["runs"]]
+    return "\n".join([*lines, f"peak growth, largest / smallest collection = {result['peak_growth']:.2f}"])
 
 
 def format_bench(result: dict) -> str:

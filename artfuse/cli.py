@@ -64,8 +64,13 @@ def cmd_label(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from artfuse.bench import bench, format_bench
+    from artfuse.bench import bench, bench_memory, format_bench, format_memory
 
+    if args.memory:
+        result = bench_memory(_config(args), args.memory, args.model, args.out)
+        _print(result)
+        print(format_memory(result))
+        return
     result = bench(_config(args), args.model, args.out)
     _print(result)
     print(format_bench(result))
@@ -181,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="FILE", help="write the figures as JSON (e.g. bench.json)")
     p.add_argument("--model", metavar="URI", help="model package (default: a fresh model of the configured arch)")
+    p.add_argument(
+        "--memory",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="instead: the label job's peak memory over collections of N images each (e.g. --memory 2000 10000)",
+    )
     _with_config(p)
 
     p = command(

@@ -23,7 +23,7 @@ from artfuse.config import ConfigError, ModelConfig, from_dict, to_dict
 from artfuse.models import create_model
 from artfuse.preprocess import Preprocess
 
-FORMAT = "artfuse-package/1"
+FORMAT = "artfuse-package/2"  # 2: FusionNet keeps the whole CNN (its pooled features feed the fusion)
 WEIGHTS = "model.safetensors"
 MANIFEST = "artfuse.json"
 
@@ -100,9 +100,7 @@ def read_manifest(uri: str, storage_config=None) -> dict:
 def load_package(uri: str, storage_config=None, device: str | torch.device = "cpu") -> Package:
     """Rebuild the model from `artfuse.json` and load its weights (safetensors: tensors only, no code)."""
     manifest = read_manifest(uri, storage_config)
-    # Packages written before model.cnn_head existed took their tokens from the raw last stage.
-    architecture = {"cnn_head": False, **manifest["architecture"]}
-    model_config = from_dict(ModelConfig, architecture, "architecture.")
+    model_config = from_dict(ModelConfig, manifest["architecture"], "architecture.")
     tasks = {task: list(labels) for task, labels in manifest["tasks"].items()}
     model = create_model(model_config, {t: len(v) for t, v in tasks.items()}, load_pretrained=False)
     state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS), storage_config))

@@ -26,6 +26,7 @@ from ray.experimental.tqdm_ray import tqdm
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
 
 from artfuse import stages, storage
 from artfuse.catalog import Collection, load_collection
@@ -39,6 +40,7 @@ from artfuse.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 DECODE_ROWS_PER_TASK = 32
+TRAINING_WEIGHTS = "training.safetensors"  # in a checkpoint with EMA on: the optimised weights (model.safetensors: EMA)
 
 
 def label_column(task: str) -> str:
@@ -279,6 +281,10 @@ def validate(model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, de
     return {"n": int(sum(len(b) for b in truth[next(iter(vocabs))])), "tasks": tasks}
 
 
+def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def train_loop(config: dict) -> None:
     cfg: Config = config["cfg"]
     vocabs: dict[str, list[str]] = config["vocabs"]
@@ -313,20 +319,23 @@ def train_loop(config: dict) -> None:
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    # Validated, checkpointed and packaged: the weights' moving average, steadier than the last step's weights on
+    # small collections (the paper's unstable training). Its warmup makes the average's horizon grow with the steps.
+    ema = ModelEmaV3(core, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
+    evaluated = ema.module if ema else core
+
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            core.load_state_dict(load_file(Path(d) / "model.safetensors", device=str(device)))
+            if ema:
+                core.load_state_dict(load_file(Path(d) / TRAINING_WEIGHTS, device=str(device)))
+            evaluated.load_state_dict(load_file(Path(d) / "model.safetensors", device=str(device)))
             optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True))
             state = json.loads((Path(d) / "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}: starting epoch {start_epoch + 1}")
 
-    if history and start_epoch >= cfg.train.epochs:
-        # Restored after its last epoch (a search killed before it saw the end): report the final metrics once,
-        # so whoever follows the run's reports (Tune) still gets its result.
-        ray.train.report(history[-1])
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -349,6 +358,8 @@ def train_loop(config: dict) -> None:
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            if ema:
+                ema.update(core, step=epoch * steps_per_epoch + step + 1)
             seen += len(x)
             loss_sum += loss.item() * len(x)
             if bar:
@@ -356,7 +367,7 @@ def train_loop(config: dict) -> None:
         if bar:
             bar.close()
         elapsed = time.perf_counter() - started
-        val = validate(core, val_shard, preprocess, vocabs, device, cfg.train.batch_size)
+        val = validate(evaluated, val_shard, preprocess, vocabs, device, cfg.train.batch_size)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -369,10 +380,9 @@ def train_loop(config: dict) -> None:
         print(json.dumps(metrics))
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
-                    Path(d) / "model.safetensors",
-                )
+                save_file(tensors(evaluated), Path(d) / "model.safetensors")
+                if ema:
+                    save_file(tensors(core), Path(d) / TRAINING_WEIGHTS)
                 torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
                 (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "val": val}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)

@@ -183,8 +183,25 @@ def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str)
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = ray_tune.get_context().get_trial_id()
     record_attempt(storage.join(runs_uri, trial_id, "attempts.json"), cfg)
+    finished = finished_run_metrics(storage.join(runs_uri, trial_id), cfg)
+    if finished:
+        # Trained every epoch before the search was killed, but Tune never saw the end: report it from here. A
+        # report through Ray Train would race this function's return (TuneReportCallback hands reports over through
+        # a queue actor, which Tune stops reading once the function returns) and the trial could end resultless.
+        ray_tune.report(finished)
+        return
     callbacks = [TuneReportCallback(), RecordPlacementGroup(record_uri(runs_uri, trial_id), cfg.storage)]
     make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
+
+
+def finished_run_metrics(run_uri: str, cfg: Config) -> dict | None:
+    """The last epoch's metrics of the Ray Train run at `run_uri` if it has checkpointed every epoch, else None."""
+    fs, run_path = storage.arrow_filesystem(run_uri, cfg.storage)
+    try:
+        metrics = ray.train.Result.from_path(run_path, storage_filesystem=fs).metrics or {}
+    except RuntimeError:  # no run there yet, or none that has registered a checkpoint
+        return None
+    return metrics if metrics.get("epoch", 0) >= cfg.train.epochs else None
 
 
 def record_attempt(uri: str, cfg: Config) -> None:

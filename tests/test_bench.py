@@ -33,3 +33,22 @@ def test_bench_writes_the_three_figures_and_their_ratio(tmp_path, ray_local, cap
 def test_gpu_decode_alone_runs_on_any_device():
     jpegs = synthetic_jpegs(2, 96, 64)
     assert gpu_decode_alone(jpegs, 8, 32, torch.device("cpu"), batch_size=4) > 0
+
+
+def test_bench_memory_labels_each_size_and_reports_its_peak(tmp_path, ray_local, capsys):
+    settings = [*TINY, "bench.width=96", "bench.height=64", "label.batch_size=8", "label.decode_batch_size=8"]
+    out = tmp_path / "memory.json"
+    code = main(["bench", "--memory", "12", "30", "--out", str(out), *(arg for s in settings for arg in ("--set", s))])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [(r["images"], r["labelled"], r["errors"]) for r in result["runs"]] == [(12, 12, 0), (30, 30, 0)]
+    # The local Ray node's processes are counted, not only this one.
+    assert all(r["peak_pss_mb"] > 100 and r["peak_processes"] > 2 for r in result["runs"])
+    small, large = (r["peak_pss_mb"] for r in result["runs"])
+    assert result["peak_growth"] == pytest.approx(large / small, abs=0.01)
+    assert "peak growth" in capsys.readouterr().out
+
+
+def test_bench_memory_rejects_empty_sizes(capsys):
+    assert main(["bench", "--memory", "0"]) == 2
+    assert "collection sizes" in capsys.readouterr().err

@@ -3,9 +3,10 @@
 A Fusion Model for Artwork Identification Based on Convolutional Neural Networks and Transformers
     - Wang & Song, 2025
 
-The CNN branch is any timm CNN cut at one stride; its feature map becomes d_model tokens with a CLS token and
-learned 2-D position embeddings (resampled for other input sizes). A pre-norm Transformer encoder (timm's ViT
-`Block`) models their global context, and a fusion head combines the pooled CNN features with the CLS output:
+The CNN branch is any timm CNN; the feature map of its stage at one stride becomes d_model tokens with a CLS
+token and learned 2-D position embeddings (resampled for other input sizes). A pre-norm Transformer encoder (timm's
+ViT `Block`) models their global context, and a fusion head combines the CNN's own pooled features (after its
+head convolution, what cnn_only classifies) with the CLS output:
 `concat` (the paper's), `gated` or `cross_attention`. One linear head per task maps the fused embedding to
 logits.
 """
@@ -34,30 +35,16 @@ def create_cnn(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def cnn_at_stride(name: str, stride: int, *, keep_head: bool = False) -> tuple[nn.Module, int | None]:
-    """timm CNN `name` cut after its deepest stage at `stride`, and that stage's feature index.
-
-    timm's `forward_intermediates(x, indices=[index], intermediates_only=True)` returns the stage's map.
-    Unlike `features_only` (whose EfficientNet variant keeps and runs every later stage), the pruned model
-    holds no parameter without a gradient, which DistributedDataParallel requires, and computes nothing it
-    discards. With `keep_head` and the network's own last stride, nothing is cut and the index is None: the
-    tokens come from `forward_features`, i.e. after the CNN's pretrained head convolution (Lite0: 320 -> 1280
-    channels), the features a linear probe on the backbone uses.
-    """
-    model = create_cnn(name, num_classes=0)
+def stage_at_stride(model: nn.Module, name: str, stride: int) -> int:
+    """Index (for timm's `forward_intermediates`) of the deepest stage of CNN `name` at `stride`."""
     reductions = [stage["reduction"] for stage in model.feature_info]
     if stride not in reductions:
         raise ConfigError(
             f"model.feature_stride={stride}: {name} has feature maps at strides {sorted(set(reductions))}"
         )
-    if keep_head and stride == reductions[-1]:
-        return model, None
-    index = len(reductions) - 1 - reductions[::-1].index(stride)
-    try:
-        model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
-    except NotImplementedError:
-        raise ConfigError(f"model.backbone: {name} cannot be cut at a stage (no forward_intermediates)") from None
-    return model, index
+    if not hasattr(model, "forward_intermediates"):
+        raise ConfigError(f"model.backbone: {name} has no forward_intermediates; pick another timm CNN")
+    return len(reductions) - 1 - reductions[::-1].index(stride)
 
 
 class TaskHeads(nn.ModuleDict):
@@ -136,18 +123,20 @@ class GatedFusion(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """The CLS output attends over the CNN tokens (the local features it summarised); residual + norm."""
+    """The CLS output attends over the CNN tokens (the local features it summarised); plus the pooled CNN features,
+    projected; residual + norm."""
 
     def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
         super().__init__()
         self.kv_norm = nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.cnn_proj = nn.Sequential(nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, d_model))
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, pooled: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         kv = self.kv_norm(tokens)
         attended, _ = self.attn(cls.unsqueeze(1), kv, kv, need_weights=False)  # (B, 1, D)
-        return self.norm(cls + attended.squeeze(1))
+        return self.norm(cls + attended.squeeze(1) + self.cnn_proj(pooled))
 
 
 FUSIONS: dict[str, type[nn.Module]] = {
@@ -177,7 +166,6 @@ class FusionNet(MultiTaskModel):
         fusion: str = "concat",
         drop_rate: float = 0.1,
         drop_path_rate: float = 0.0,
-        cnn_head: bool = False,
     ):
         """
         Args:
@@ -192,19 +180,17 @@ class FusionNet(MultiTaskModel):
             fusion: concat | gated | cross_attention.
             drop_rate: dropout on tokens, inside the Transformer and before the heads.
             drop_path_rate: stochastic depth, rising linearly to this over the blocks.
-            cnn_head: at the CNN's last stride, take its features after its own head convolution.
         """
         super().__init__()
         if fusion not in FUSIONS:
             raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
-        self.backbone, self.feature_index = cnn_at_stride(backbone, feature_stride, keep_head=cnn_head)
-        if self.feature_index is None:
-            cnn_dim = self.backbone.num_features
-        else:
-            cnn_dim = self.backbone.feature_info[self.feature_index]["num_chs"]
+        self.backbone = create_cnn(backbone, num_classes=0)
+        self.feature_index = stage_at_stride(self.backbone, backbone, feature_stride)
+        token_dim = self.backbone.feature_info[self.feature_index]["num_chs"]
+        cnn_dim = self.backbone.num_features
         self.grid_size = (img_size // feature_stride, img_size // feature_stride)
 
-        self.proj = nn.Conv2d(cnn_dim, d_model, kernel_size=1)
+        self.proj = nn.Conv2d(token_dim, d_model, kernel_size=1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d_model))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -239,15 +225,13 @@ class FusionNet(MultiTaskModel):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feature_index is None:
-            fmap = self.backbone.forward_features(x)  # (B, C, h, w)
-        else:
-            fmap = self.backbone.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[-1]
+        # One pass: the whole CNN's features (after its head conv, as for cnn_only) and the token stage's map.
+        features, (fmap,) = self.backbone.forward_intermediates(x, indices=[self.feature_index])
         tokens = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, h*w, D)
         tokens = tokens + self.position_embedding((fmap.shape[-2], fmap.shape[-1]))
         x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         x = self.norm(self.blocks(self.pos_drop(x)))
-        return self.fusion(fmap.mean(dim=(2, 3)), x[:, 0], tokens)  # (B, num_features)
+        return self.fusion(features.mean(dim=(2, 3)), x[:, 0], tokens)  # (B, num_features)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,5 +252,4 @@ def fusion_net(cfg: ModelConfig, tasks: Mapping[str, int]) -> FusionNet:
         fusion=cfg.fusion,
         drop_rate=cfg.dropout,
         drop_path_rate=cfg.drop_path,
-        cnn_head=cfg.cnn_head,
     )

@@ -132,6 +132,7 @@ def bench_memory(cfg: Config, sizes: list[int], model_uri: str | None = None, ou
                     "images": n,
                     "peak_pss_mb": round(peak.bytes / 2**20),
                     "peak_processes": peak.processes,
+                    "peak_largest_mb": peak.largest,
                     "labelled": report["labelled"],
                     "errors": report["errors"],
                     "img_s": round(report["img_s"], 1),
@@ -156,6 +157,7 @@ class PeakMemory:
         self.every_s = every_s
         self.bytes = 0
         self.processes = 0
+        self.largest: list[tuple[int, str]] = []  # at the peak: (MB, command line) of the five largest processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -175,15 +177,16 @@ class PeakMemory:
 
     def sample(self) -> None:
         me = psutil.Process()
-        total, count = 0, 0
+        by_process = []
         for process in [me, *me.children(recursive=True)]:
             try:
-                total += process.memory_full_info().pss
-                count += 1
+                by_process.append((process.memory_full_info().pss, " ".join(process.cmdline())[:60]))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass  # ended between listing and reading
+        total = sum(pss for pss, _ in by_process)
         if total > self.bytes:
-            self.bytes, self.processes = total, count
+            self.bytes, self.processes = total, len(by_process)
+            self.largest = [(round(pss / 2**20), name) for pss, name in sorted(by_process, reverse=True)[:5]]
 
 
 def save_untrained_package(uri: str, cfg: Config, tasks: dict[str, int]) -> str:

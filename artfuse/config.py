@@ -89,6 +89,7 @@ class LabelConfig:
     num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0  # CPUs per decode task
+    decode_niceness: int = 0  # OS priority of decode workers (0-19); above 0 a CPU model actor preempts them
     gpu_decode: bool = False  # decode JPEGs with nvJPEG on the model actor's GPU
     gpu_decode_max_pixels: int = 16_000_000  # larger JPEGs decode on CPU (draft mode reads them at 1/8 scale)
     torch_threads: int = 0  # intra-op threads of a CPU model actor; 0 = every CPU of its node
@@ -222,6 +223,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("label.batch_size and label.topk must be at least 1")
     if not 1 <= cfg.label.min_actors <= cfg.label.max_actors:
         raise ConfigError("label.min_actors must be at least 1 and at most label.max_actors")
+    if not 0 <= cfg.label.decode_niceness <= 19:
+        raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:

@@ -212,6 +212,8 @@ def prediction_dataset(
         storage_config=cfg.storage,
         with_hash=True,
     )
+    if not gpu_decode:
+        read_kwargs["niceness"] = lc.decode_niceness
     if gpu_decode:
         read_kwargs["gpu_max_pixels"] = lc.gpu_decode_max_pixels
     ds = stages.dataset_from_table(table.select(["uri", "size", "etag"]), lc.decode_batch_size)

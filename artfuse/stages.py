@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,8 +64,15 @@ def read_and_decode(
     max_bytes: int,
     storage_config: StorageConfig | None = None,
     with_hash: bool = False,
+    niceness: int = 0,
 ) -> dict[str, np.ndarray]:
-    """uri -> image (N, size, size, 3) uint8 plus width, height, format, error (and sha256 when asked)."""
+    """uri -> image (N, size, size, 3) uint8 plus width, height, format, error (and sha256 when asked).
+
+    niceness > 0 lowers this worker process's CPU priority to it (for good: Ray reuses the worker), so that where
+    decode shares cores with a CPU model, the model runs and decode takes the cycles it leaves.
+    """
+    if niceness > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     n = len(batch["uri"])
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
     out = _described(batch, with_hash)

@@ -29,6 +29,7 @@ def test_set_overrides_are_typed(tmp_path):
         ("model.d_model=190", "divisible by model.num_heads"),
         ("nonsense", "expects key=value"),
         ("train.augment=3", "expects true or false"),
+        ("label.decode_niceness=20", "label.decode_niceness must be between 0 and 19"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -254,3 +254,22 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def test_decode_niceness_lowers_the_decode_worker_priority_once(tmp_path):
+    import subprocess
+    import sys
+
+    # In a process of its own: a lowered priority cannot be raised again, and pytest should keep its own.
+    (tmp_path / "a.jpg").write_bytes(jpeg(0, (40, 30)))
+    script = f"""
+import os, numpy as np
+from artfuse import stages
+batch = {{"uri": np.array([{str(tmp_path / "a.jpg")!r}], dtype=object), "size": np.array([1])}}
+for _ in range(2):
+    out = stages.read_and_decode(batch, size=16, max_pixels=10**6, max_bytes=10**6, niceness=7)
+print(os.getpriority(os.PRIO_PROCESS, 0), out["image"].shape, out["error"][0])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "7" and "(1, 16, 16, 3)" in done.stdout

@@ -89,7 +89,9 @@ class LabelConfig:
     num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0  # CPUs per decode task
-    decode_niceness: int = 0  # OS priority of decode workers (0-19); above 0 a CPU model actor preempts them
+    # OS priority of decode workers (0-19): a CPU model actor preempts them (2-core bench, 288 px: ratio 0.75 and
+    # 0.75 at 19 vs 0.60-0.69 at 0); harmless beside a GPU actor. 0 where decode shares nodes with other work.
+    decode_niceness: int = 19
     gpu_decode: bool = False  # decode JPEGs with nvJPEG on the model actor's GPU
     gpu_decode_max_pixels: int = 16_000_000  # larger JPEGs decode on CPU (draft mode reads them at 1/8 scale)
     torch_threads: int = 0  # intra-op threads of a CPU model actor; 0 = every CPU of its node

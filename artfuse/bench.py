@@ -157,7 +157,9 @@ class PeakMemory:
         self.every_s = every_s
         self.bytes = 0
         self.processes = 0
-        self.largest: list[tuple[int, str]] = []  # at the peak: (MB, command line) of the five largest processes
+        # At the peak, the five largest processes: (PSS MB, USS MB, command line). USS is memory no other process
+        # shares: the part of a process's PSS that is its own rather than object-store pages.
+        self.largest: list[tuple[int, int, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -180,13 +182,15 @@ class PeakMemory:
         by_process = []
         for process in [me, *me.children(recursive=True)]:
             try:
-                by_process.append((process.memory_full_info().pss, " ".join(process.cmdline())[:60]))
+                memory = process.memory_full_info()
+                by_process.append((memory.pss, memory.uss, " ".join(process.cmdline())[:60]))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass  # ended between listing and reading
-        total = sum(pss for pss, _ in by_process)
+        total = sum(pss for pss, _, _ in by_process)
         if total > self.bytes:
             self.bytes, self.processes = total, len(by_process)
-            self.largest = [(round(pss / 2**20), name) for pss, name in sorted(by_process, reverse=True)[:5]]
+            largest = sorted(by_process, reverse=True)[:5]
+            self.largest = [(round(pss / 2**20), round(uss / 2**20), name) for pss, uss, name in largest]
 
 
 def save_untrained_package(uri: str, cfg: Config, tasks: dict[str, int]) -> str:

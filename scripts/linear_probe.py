@@ -1,0 +1,77 @@
+"""Linear-probe reference on a collection's own split: logistic regression on the pooled features of the configured
+pretrained backbone (the kind of figure the painting sets' README quotes), at one or more input sizes.
+
+    python scripts/linear_probe.py ../shared/data/paintings/western-genre --sizes 160 224 288
+
+Images are decoded with artfuse's decoder (shorter side to the size, centre crop), on this process's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from artfuse.catalog import load_collection
+from artfuse.config import load_config
+from artfuse.images import decode_image
+from artfuse.models import data_config
+from artfuse.models.fusion import create_cnn
+from artfuse.models.weights import load_backbone_weights, timm_backbone_name
+from artfuse.preprocess import Preprocess
+from artfuse.storage import read_bytes
+
+L2_PENALTIES = (1e-4, 1e-3, 1e-2)
+
+
+def features(model: torch.nn.Module, uris: list[str], preprocess: Preprocess) -> torch.Tensor:
+    images = np.stack([decode_image(read_bytes(u), preprocess.img_size).array for u in uris])
+    with torch.inference_mode():
+        return torch.cat([model(preprocess.to_tensor(images[i : i + 64])) for i in range(0, len(images), 64)])
+
+
+def probe_accuracy(train: torch.Tensor, y_train: torch.Tensor, val: torch.Tensor, y_val: torch.Tensor, l2: float):
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, val = (train - mean) / std, (val - mean) / std
+    w = torch.zeros(train.shape[1], int(y_train.max()) + 1, requires_grad=True)
+    b = torch.zeros(w.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=500)
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(train @ w + b, y_train) + l2 * (w**2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return ((val @ w + b).argmax(1) == y_val).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="collection URI")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224])
+    parser.add_argument("--set", action="append", default=[], help="config override, as for artfuse")
+    args = parser.parse_args()
+    cfg = load_config(None, args.set)
+    collection = load_collection(args.data, cfg.data)
+    task = collection.tasks[0]
+    train, val = collection.subset("train"), collection.subset("val")
+    vocab = collection.vocabs[task]
+    y_train = torch.tensor([vocab.index(v) for v in train[task].to_pylist()])
+    y_val = torch.tensor([vocab.index(v) for v in val[task].to_pylist()])
+    model = create_cnn(timm_backbone_name(cfg.model), num_classes=0)
+    load_backbone_weights(model, cfg.model)
+    model.eval()
+    dc = data_config(cfg.model)
+    for size in args.sizes:
+        preprocess = Preprocess.for_model(size, dc["mean"], dc["std"])
+        f_train = features(model, train["uri"].to_pylist(), preprocess)
+        f_val = features(model, val["uri"].to_pylist(), preprocess)
+        accuracies = [round(probe_accuracy(f_train, y_train, f_val, y_val, l2), 3) for l2 in L2_PENALTIES]
+        print(f"{args.data} {task} {size} px: val accuracy {accuracies} at L2 {list(L2_PENALTIES)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

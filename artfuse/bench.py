@@ -11,6 +11,8 @@ it runs in the pipeline: in Ray workers (same resources, threads and process pri
 - pipeline: `label.label` over the same JPEGs as files into a temporary folder (start-up included, listing
   excluded), as many as min(model, decode) gets through in `bench.pipeline_seconds`, so start-up weighs little.
 
+Each stage alone is timed before and after the pipeline; the figures are the means (both are in bench.json).
+
 `artfuse bench --memory N [N ...]` instead labels collections of each size N on the same local Ray and reports
 the job's peak memory for each: PSS (shared pages split between their processes, so the object store counts once)
 summed over this process and every process it started (the local Ray node: raylet, GCS, workers), sampled every
@@ -75,20 +77,27 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
             num_cpus=lc.cpus_per_actor, num_gpus=lc.num_gpus_per_actor, runtime_env=actor_runtime_env(lc)
         )
         alone = ray.get(on_actor.remote(model_uri, cfg, jpegs if uses_gpu_decode(lc) else [], b.n_images))
-        decode_img_s = decode_alone(jpegs, b.n_images, size)
+        decode_before = decode_alone(jpegs, b.n_images, size)
         # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.
-        n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(alone["model_img_s"], decode_img_s)))
+        n_pipeline = max(b.n_images, math.ceil(b.pipeline_seconds * min(alone["model_img_s"], decode_before)))
         inputs = Path(tmp, "input")
         write_collection(inputs, jpegs, n_pipeline)
         log.info("bench: labelling %d images", n_pipeline)
         report = label(model_uri, str(inputs), str(Path(tmp, "predictions")), cfg)
+        # A shared machine's speed drifts by 10 % over tens of seconds: each stage alone is timed before and after
+        # the pipeline, and the ratio uses their mean, the best estimate of each stage's speed during it.
+        model_after = ray.get(on_actor.remote(model_uri, cfg, [], 0))["model_img_s"]
+        decode_after = decode_alone(jpegs, b.n_images, size)
 
-    model_img_s, pipeline_img_s = alone["model_img_s"], report["img_s"]
+    model_runs, decode_runs = [alone["model_img_s"], model_after], [decode_before, decode_after]
+    model_img_s, decode_img_s, pipeline_img_s = np.mean(model_runs), np.mean(decode_runs), report["img_s"]
     result = {
         "model_img_s": round(model_img_s, 1),
         "decode_img_s": round(decode_img_s, 1),
         "pipeline_img_s": round(pipeline_img_s, 1),
         "ratio": round(pipeline_img_s / min(model_img_s, decode_img_s), 3),
+        "model_img_s_before_after": [round(x, 1) for x in model_runs],
+        "decode_img_s_before_after": [round(x, 1) for x in decode_runs],
         "gpu_decode_img_s": alone["gpu_decode_img_s"],
         "machine": machine() | alone["machine"],
         "batch_size": lc.batch_size,
@@ -294,9 +303,12 @@ def format_memory(result: dict) -> str:
 
 def format_bench(result: dict) -> str:
     """The figures as a few lines for people."""
+    model_runs, decode_runs = result["model_img_s_before_after"], result["decode_img_s_before_after"]
     lines = [
-        f"model alone     {result['model_img_s']:>9.1f} img/s  (batch {result['batch_size']})",
-        f"decode alone    {result['decode_img_s']:>9.1f} img/s  ({result['machine']['cpus']} Ray tasks)",
+        f"model alone     {result['model_img_s']:>9.1f} img/s  (batch {result['batch_size']};"
+        f" {model_runs[0]:.1f} before, {model_runs[1]:.1f} after the pipeline)",
+        f"decode alone    {result['decode_img_s']:>9.1f} img/s  ({result['machine']['cpus']} Ray tasks;"
+        f" {decode_runs[0]:.1f} before, {decode_runs[1]:.1f} after)",
     ]
     if result["gpu_decode_img_s"] is not None:
         lines.append(f"nvJPEG alone    {result['gpu_decode_img_s']:>9.1f} img/s")

@@ -24,6 +24,11 @@ def test_bench_writes_the_three_figures_and_their_ratio(tmp_path, ray_local, cap
     assert result["ratio"] == pytest.approx(
         result["pipeline_img_s"] / min(result["model_img_s"], result["decode_img_s"]), abs=0.01
     )
+    # Each stage alone is timed before and after the pipeline; its figure is the mean of the two.
+    for stage in ("model", "decode"):
+        before, after = result[f"{stage}_img_s_before_after"]
+        assert before > 0 and after > 0
+        assert result[f"{stage}_img_s"] == pytest.approx((before + after) / 2, abs=0.1)
     assert result["counts"]["pipeline_images"] == result["counts"]["labelled"] == 24
     assert result["batch_size"] == 8 and result["image_size"]["width"] == 160
     assert result["machine"]["cpus"] >= 1 and result["gpu_decode_img_s"] is None

@@ -27,8 +27,8 @@ KEPT_BLOCK_BYTES = 1 << 30  # freed blocks up to this size stay in the process f
 # arenas of their own, which map and unmap each large block whatever `keep_freed_memory` says; with one arena,
 # every thread gets the main one. OpenMP threads that wait for work sleep instead of spinning, which leaves the
 # cycles to the decode workers that share the cores (2-core bench: the model alone uses 1.89 instead of 1.98 cores
-# at the same speed; the pipeline went from 57-68 to 67-78 img/s). Both must be in the environment when the
-# process starts.
+# at the same speed; the pipeline went from 57-70 img/s in 7 runs to 67-78 in 8). Both must be in the environment
+# when the process starts.
 CPU_INFERENCE_ENV = {"MALLOC_ARENA_MAX": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -48,7 +48,7 @@ from artfuse import storage
 from artfuse.config import Config, ConfigError
 from artfuse.gpudecode import decode_jpegs
 from artfuse.images import bench_decode
-from artfuse.label import LabelModel, actor_runtime_env, available_cpus, label, uses_gpu_decode
+from artfuse.label import LabelModel, actor_resources, actor_runtime_env, available_cpus, label, uses_gpu_decode
 from artfuse.models import create_model, data_config
 from artfuse.package import read_manifest, save_package
 from artfuse.preprocess import Preprocess
@@ -73,9 +73,7 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
         size = Preprocess.from_dict(manifest["preprocess"]).resize
         jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
 
-        on_actor = model_alone.options(
-            num_cpus=lc.cpus_per_actor, num_gpus=lc.num_gpus_per_actor, runtime_env=actor_runtime_env(lc)
-        )
+        on_actor = model_alone.options(runtime_env=actor_runtime_env(lc), **actor_resources(lc))
         alone = ray.get(on_actor.remote(model_uri, cfg, jpegs if uses_gpu_decode(lc) else [], b.n_images))
         decode_before = decode_alone(jpegs, b.n_images, size)
         # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.

@@ -88,6 +88,9 @@ class LabelConfig:
     max_actors: int = 1
     num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
     cpus_per_actor: float = 1.0
+    # Host memory Ray reserves for each model actor, so a node is not given more actors than its RAM holds (a CPU
+    # actor at 288 px and batch 64 peaks at about 3.4 GB; Ray Data warns when an actor reserves none). 0: none.
+    actor_memory_mb: int = 4096
     decode_cpus: float = 1.0  # CPUs per decode task
     # OS priority of decode workers (0-19): a CPU model actor preempts them (2-core bench, 288 px: ratio 0.75 and
     # 0.75 at 19 vs 0.60-0.69 at 0); harmless beside a GPU actor. 0 where decode shares nodes with other work.
@@ -225,6 +228,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("label.batch_size and label.topk must be at least 1")
     if not 1 <= cfg.label.min_actors <= cfg.label.max_actors:
         raise ConfigError("label.min_actors must be at least 1 and at most label.max_actors")
+    if cfg.label.actor_memory_mb < 0:
+        raise ConfigError(f"label.actor_memory_mb must be 0 or more; got {cfg.label.actor_memory_mb}")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
 

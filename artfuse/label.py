@@ -28,7 +28,7 @@ import torch
 
 from artfuse import gpudecode, stages, storage
 from artfuse.catalog import list_inputs
-from artfuse.config import Config, LabelConfig, StorageConfig
+from artfuse.config import Config, ConfigError, LabelConfig, StorageConfig
 from artfuse.package import load_package, read_manifest
 from artfuse.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 from artfuse.preprocess import Preprocess
@@ -40,6 +40,7 @@ EMPTY_KEYS = pa.table(
     {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
 )
 DECODE_TASK_MEMORY = 512 * 2**20  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
+MB = 2**20
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
 
@@ -205,6 +206,12 @@ def prediction_dataset(
     preprocess = Preprocess.from_dict(manifest["preprocess"])
     lc = cfg.label
     gpu_decode = uses_gpu_decode(lc)
+    actor = actor_resources(lc)
+    if actor == dict(num_gpus=0, num_cpus=lc.decode_cpus, memory=DECODE_TASK_MEMORY):
+        raise ConfigError(
+            f"label.actor_memory_mb={lc.actor_memory_mb} with label.cpus_per_actor == label.decode_cpus and no GPU "
+            "asks for what a decode task asks for: Ray would fuse decode into the model actor; change either"
+        )
     read_kwargs = dict(
         size=preprocess.resize,
         max_pixels=cfg.data.max_pixels,
@@ -222,8 +229,8 @@ def prediction_dataset(
         fn_kwargs=read_kwargs,
         batch_size=lc.decode_batch_size,
         num_cpus=lc.decode_cpus,
-        # Room for a batch being read and decoded. Asking for memory, which the model actor does not, also keeps
-        # Ray from fusing this stage into the actor whatever CPUs the two ask for (DESIGN.md, stage fusion).
+        # Room for a batch being read and decoded. Asking for other resources than the model actor (checked above)
+        # also keeps Ray from fusing this stage into the actor (DESIGN.md, stage fusion).
         memory=DECODE_TASK_MEMORY,
     )
     return ds.map_batches(
@@ -239,10 +246,17 @@ def prediction_dataset(
         ),
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
-        num_gpus=lc.num_gpus_per_actor,
-        num_cpus=lc.cpus_per_actor,
         runtime_env=actor_runtime_env(lc),
+        **actor,
     )
+
+
+def actor_resources(cfg: LabelConfig) -> dict:
+    """What Ray reserves for each model actor (the bench's model-alone task asks for the same)."""
+    resources = dict(num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.cpus_per_actor)
+    if cfg.actor_memory_mb:
+        resources["memory"] = cfg.actor_memory_mb * MB
+    return resources
 
 
 def actor_runtime_env(cfg: LabelConfig) -> dict | None:

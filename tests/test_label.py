@@ -21,7 +21,7 @@ from PIL import Image
 from artfuse import gpudecode, stages, storage
 from artfuse.bench import save_untrained_package
 from artfuse.catalog import list_inputs
-from artfuse.config import LabelConfig, load_config
+from artfuse.config import ConfigError, LabelConfig, load_config
 from artfuse.label import LabelModel, label, prediction_dataset, prediction_rows, prediction_schema, read_output
 from artfuse.samples import generate_samples
 
@@ -180,6 +180,17 @@ def test_plan_keeps_decode_out_of_the_model_actor(package, tmp_path, ray_local, 
     assert "ActorPoolMapOperator[MapBatches(LabelModel)]" in optimized
     assert "read_and_decode)->" not in optimized
     assert "gpu_decode is set but label.num_gpus_per_actor is 0" in caplog.text
+
+
+def test_a_model_actor_asking_what_a_decode_task_asks_is_refused(package, tmp_path):
+    """The same CPUs and memory and no GPU would let Ray fuse the two stages: a clear error, not a silent slowdown."""
+    generate_samples(str(tmp_path / "c"), n=6, size_range=SMALL)
+    same = ["label.cpus_per_actor=1", "label.decode_cpus=1", "label.actor_memory_mb=512"]
+    cfg = load_config(None, [*TINY, *same])
+    with pytest.raises(ConfigError, match="fuse decode into the model actor"):
+        prediction_dataset(list_inputs(str(tmp_path / "c")), package, cfg, run_id="r", labelled_at=datetime.now(UTC))
+    with pytest.raises(ConfigError, match="actor_memory_mb must be 0 or more"):
+        load_config(None, ["label.actor_memory_mb=-1"])
 
 
 def test_every_input_gets_one_row_and_reruns_label_only_new_objects(package, tmp_path, ray_local):

@@ -135,7 +135,7 @@ class LabelModel:
         # Ray sets one thread per reserved CPU; a CPU model is the slow stage and decode needs little, so the
         # model may use every core of its node (bench: what this buys on a small machine).
         self.threads = (cfg.torch_threads or available_cpus()) if device.type == "cpu" else 0
-        self.predictor = Predictor(package, device)
+        self.predictor = Predictor(package, device, cpu_bf16=cfg.cpu_bf16)
         self.row_args = dict(
             tasks=package.tasks, cfg=cfg, model_id=package.model_id, run_id=run_id, labelled_at=labelled_at
         )

@@ -169,6 +169,18 @@ def test_label_model_with_gpu_decode_layout_on_cpu(package, tmp_path):
     )
 
 
+def test_cpu_bf16_runs_the_model_in_bf16_close_to_fp32(package):
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    at = datetime.now(UTC)
+    fp32 = LabelModel(package, load_config(None, TINY).label, None, "r", at).predict(images)["label"]
+    bf16 = LabelModel(package, load_config(None, [*TINY, "label.cpu_bf16=true"]).label, None, "r", at)
+    probabilities = bf16.predict(images)["label"]
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    difference = np.abs(probabilities - fp32).max()
+    assert 0 < difference < 0.05  # bf16 really ran (rounding shows), and agrees with fp32
+
+
 def test_plan_keeps_decode_out_of_the_model_actor(package, tmp_path, ray_local, capsys, caplog):
     """Equal CPU requests on both stages would let Ray fuse decode into the actor (DESIGN.md, stage fusion)."""
     generate_samples(str(tmp_path / "c"), n=6, size_range=SMALL)

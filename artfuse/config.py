@@ -98,8 +98,8 @@ class LabelConfig:
     gpu_decode: bool = False  # decode JPEGs with nvJPEG on the model actor's GPU
     gpu_decode_max_pixels: int = 16_000_000  # larger JPEGs decode on CPU (draft mode reads them at 1/8 scale)
     torch_threads: int = 0  # intra-op threads of a CPU model actor; 0 = every CPU of its node
-    # bf16 autocast in a CPU model actor: 1.7x the fp32 speed on a CPU with native bf16 (AVX512-BF16 or AMX, e.g.
-    # this 2-core Zen 5 VM), slower on others. GPU actors always run bf16.
+    # bf16 autocast in a CPU model actor: on a CPU with native bf16 (AVX512-BF16 or AMX) much faster (2-core Zen 5
+    # bench: model 163 vs about 91 img/s), slower on others. GPU actors always run bf16.
     cpu_bf16: bool = False
     topk: int = 3  # labels per task in <task>_topk
     review_threshold: float = 0.5  # needs_review when a task's top score is below this

@@ -74,6 +74,7 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
         jpegs = synthetic_jpegs(DISTINCT_IMAGES, b.width, b.height)
 
         on_actor = model_alone.options(runtime_env=actor_runtime_env(lc), **actor_resources(lc))
+        submitted_at = time.time()
         alone = ray.get(on_actor.remote(model_uri, cfg, jpegs if uses_gpu_decode(lc) else [], b.n_images))
         decode_before = decode_alone(jpegs, b.n_images, size)
         # Start-up (actors loading the model) is included, so the run must be long enough to weigh little.
@@ -97,6 +98,9 @@ def bench(cfg: Config, model_uri: str | None = None, out: str | None = None) -> 
         "model_img_s_before_after": [round(x, 1) for x in model_runs],
         "decode_img_s_before_after": [round(x, 1) for x in decode_runs],
         "gpu_decode_img_s": alone["gpu_decode_img_s"],
+        # A fresh worker with the actor's environment until its model is loaded: what a label job waits before its
+        # first model batch (worker start, imports, package load). Clocks of one machine, or of a cluster's nodes.
+        "model_startup_s": round(alone["model_ready_at"] - submitted_at, 2),
         "machine": machine() | alone["machine"],
         "batch_size": lc.batch_size,
         "decode_batch_size": lc.decode_batch_size,
@@ -248,6 +252,7 @@ def model_alone(model_uri: str, cfg: Config, gpu_jpegs: list[bytes], n: int) -> 
     """In a Ray task with the label actor's resources and environment: images/s of `LabelModel.predict` on random uint8
     batches at the package's resize, and of nvJPEG decode alone when `gpu_jpegs` are given."""
     model = LabelModel(model_uri, cfg.label, cfg.storage, "bench", datetime.now(UTC))
+    model_ready_at = time.time()
     device, batch_size = model.predictor.device, cfg.label.batch_size
     images = np.random.default_rng(0).integers(0, 256, (batch_size, model.resize, model.resize, 3), dtype=np.uint8)
     for _ in range(WARMUP_BATCHES):
@@ -258,6 +263,7 @@ def model_alone(model_uri: str, cfg: Config, gpu_jpegs: list[bytes], n: int) -> 
     model_img_s = cfg.bench.model_batches * batch_size / (time.perf_counter() - start)
     return {
         "model_img_s": model_img_s,
+        "model_ready_at": model_ready_at,
         "gpu_decode_img_s": gpu_decode_alone(gpu_jpegs, n, model.resize, device, batch_size) if gpu_jpegs else None,
         "machine": {
             "device": device.type,
@@ -311,7 +317,8 @@ def format_bench(result: dict) -> str:
     if result["gpu_decode_img_s"] is not None:
         lines.append(f"nvJPEG alone    {result['gpu_decode_img_s']:>9.1f} img/s")
     lines += [
-        f"label pipeline  {result['pipeline_img_s']:>9.1f} img/s  ({result['counts']['pipeline_images']} images)",
+        f"label pipeline  {result['pipeline_img_s']:>9.1f} img/s  ({result['counts']['pipeline_images']} images;"
+        f" a model actor takes {result['model_startup_s']:.1f} s to start)",
         f"ratio pipeline / min(model, decode) = {result['ratio']:.2f}",
     ]
     return "\n".join(lines)

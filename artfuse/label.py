@@ -39,8 +39,8 @@ KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across ni
 EMPTY_KEYS = pa.table(
     {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
 )
-DECODE_TASK_MEMORY = 512 * 2**20  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
 MB = 2**20
+DECODE_TASK_MEMORY = 512 * MB  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
 

@@ -32,6 +32,7 @@ def test_bench_writes_the_three_figures_and_their_ratio(tmp_path, ray_local, cap
     assert result["counts"]["pipeline_images"] == result["counts"]["labelled"] == 24
     assert result["batch_size"] == 8 and result["image_size"]["width"] == 160
     assert result["machine"]["cpus"] >= 1 and result["gpu_decode_img_s"] is None
+    assert result["model_startup_s"] > 0
     assert "ratio pipeline / min(model, decode)" in capsys.readouterr().out
 
 

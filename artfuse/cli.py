@@ -29,19 +29,19 @@ def _print(result: dict) -> None:
 
 
 def cmd_samples(args: argparse.Namespace) -> None:
-    from artfuse.samples import generate_samples
+    from artfuse.data.samples import generate_samples
 
     _print(generate_samples(args.out, n=args.n, seed=args.seed))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from artfuse.train import train
+    from artfuse.pipelines.train import train
 
     _print(train(args.data, args.out, _config(args)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from artfuse.evaluate import evaluate
+    from artfuse.pipelines.evaluate import evaluate
 
     metrics = evaluate(args.model, args.data, _config(args), args.out)
     _print(
@@ -51,20 +51,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from artfuse.ablate import ablate, to_markdown
+    from artfuse.pipelines.ablate import ablate, to_markdown
 
     cfg = _config(args)
     print(to_markdown(ablate(args.data, args.out, cfg), args.data, cfg))
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from artfuse.label import label
+    from artfuse.pipelines.label import label
 
     _print(label(args.model, args.input, args.out, _config(args)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from artfuse.bench import bench, bench_memory, format_bench, format_memory
+    from artfuse.pipelines.bench import bench, bench_memory, format_bench, format_memory
 
     if args.memory:
         result = bench_memory(_config(args), args.memory, args.model, args.out)
@@ -77,7 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from artfuse.tune import tune
+    from artfuse.pipelines.tune import tune
 
     overrides = [*(args.set or []), *([f"tune.num_samples={args.samples}"] if args.samples is not None else [])]
     _print(tune(args.data, args.out, load_config(args.config, overrides)))
@@ -101,7 +101,7 @@ example:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from artfuse.submit import submit_job
+    from artfuse.cluster.submit import submit_job
 
     return submit_job(
         args.job, args.address, args.job_args, wait=not args.no_wait, forward_credentials=args.forward_credentials
@@ -109,7 +109,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from artfuse.demo import demo
+    from artfuse.pipelines.demo import demo
 
     demo(args.out, getattr(args, "set", None) or [])
 

@@ -13,14 +13,14 @@ import argparse
 import numpy as np
 import torch
 
-from artfuse.catalog import load_collection
 from artfuse.config import load_config
-from artfuse.images import decode_image
+from artfuse.data.catalog import load_collection
+from artfuse.data.images import decode_image
+from artfuse.data.preprocess import Preprocess
+from artfuse.data.storage import read_bytes
 from artfuse.models import data_config
 from artfuse.models.fusion import create_cnn
 from artfuse.models.weights import load_backbone_weights, timm_backbone_name
-from artfuse.preprocess import Preprocess
-from artfuse.storage import read_bytes
 
 L2_PENALTIES = (1e-4, 1e-3, 1e-2)
 

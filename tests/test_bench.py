@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from artfuse.bench import gpu_decode_alone, synthetic_jpegs
 from artfuse.cli import main
+from artfuse.pipelines.bench import gpu_decode_alone, synthetic_jpegs
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
 SMALL_BENCH = ["bench.n_images=24", "bench.width=160", "bench.height=120", "bench.model_batches=2"]

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from artfuse import storage
-from artfuse.catalog import list_inputs, load_collection
 from artfuse.config import ConfigError, DataConfig
-from artfuse.images import decode_image
+from artfuse.data import storage
+from artfuse.data.catalog import list_inputs, load_collection
+from artfuse.data.images import decode_image
 
 COUNTS = {"cubism": 6, "impressionism": 5, "ukiyo-e": 3}
 GARBAGE = b"<html>upload failed</html>"

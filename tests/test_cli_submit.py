@@ -1,12 +1,12 @@
 """`artfuse submit` on the command line, without a cluster: its help, usage errors (one line, exit 2, nothing
-submitted) and how the job's arguments reach artfuse.submit.submit_job."""
+submitted) and how the job's arguments reach artfuse.cluster.submit.submit_job."""
 
 from __future__ import annotations
 
 import pytest
 
-from artfuse import submit
 from artfuse.cli import SUBMIT_JOBS, main
+from artfuse.cluster import submit
 
 URL = "http://127.0.0.1:8265"
 LABEL_ARGS = ["--model", "s3://m/current", "--input", "s3://archive/", "--out", "s3://labels/"]

@@ -14,8 +14,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from artfuse.cluster.submit import JOBS, RUNTIME_ENV_EXCLUDES
 from artfuse.config import load_config
-from artfuse.submit import JOBS, RUNTIME_ENV_EXCLUDES
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

@@ -1,7 +1,7 @@
 import pytest
 
 from artfuse.config import Config, ConfigError, load_config
-from artfuse.metrics import confusion_matrix, summarize
+from artfuse.reporting.metrics import confusion_matrix, summarize
 
 
 def test_defaults_validate():

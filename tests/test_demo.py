@@ -5,8 +5,8 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from artfuse.demo import demo
-from artfuse.label import prediction_schema
+from artfuse.pipelines.demo import demo
+from artfuse.pipelines.label import prediction_schema
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artfuse.images import (
+from artfuse.data.images import (
     ERROR_REASONS,
     center_crop,
     decode_image,

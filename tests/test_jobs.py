@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from artfuse.cluster.submit import JOBS
 from artfuse.config import load_config
-from artfuse.submit import JOBS
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 

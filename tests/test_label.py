@@ -18,12 +18,19 @@ import pytest
 import torch
 from PIL import Image
 
-from artfuse import gpudecode, stages, storage
-from artfuse.bench import save_untrained_package
-from artfuse.catalog import list_inputs
 from artfuse.config import ConfigError, LabelConfig, load_config
-from artfuse.label import LabelModel, label, prediction_dataset, prediction_rows, prediction_schema, read_output
-from artfuse.samples import generate_samples
+from artfuse.data import gpudecode, stages, storage
+from artfuse.data.catalog import list_inputs
+from artfuse.data.samples import generate_samples
+from artfuse.pipelines.bench import save_untrained_package
+from artfuse.pipelines.label import (
+    LabelModel,
+    label,
+    prediction_dataset,
+    prediction_rows,
+    prediction_schema,
+    read_output,
+)
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
 FAST = ["label.batch_size=16", "label.decode_batch_size=8", "label.rows_per_file=16"]
@@ -287,7 +294,7 @@ def test_decode_niceness_lowers_the_decode_worker_priority_once(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg(0, (40, 30)))
     script = f"""
 import os, numpy as np
-from artfuse import stages
+from artfuse.data import stages
 batch = {{"uri": np.array([{str(tmp_path / "a.jpg")!r}], dtype=object), "size": np.array([1])}}
 for _ in range(2):
     out = stages.read_and_decode(batch, size=16, max_pixels=10**6, max_bytes=10**6, niceness=7)

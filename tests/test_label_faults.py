@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from artfuse.bench import save_untrained_package
-from artfuse.catalog import list_inputs
 from artfuse.config import load_config
-from artfuse.label import label
-from artfuse.samples import generate_samples
+from artfuse.data.catalog import list_inputs
+from artfuse.data.samples import generate_samples
+from artfuse.pipelines.bench import save_untrained_package
+from artfuse.pipelines.label import label
 
 pytestmark = pytest.mark.slow
 

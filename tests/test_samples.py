@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from artfuse.config import ConfigError
-from artfuse.samples import MOVEMENTS, generate_samples
+from artfuse.data.samples import MOVEMENTS, generate_samples
 
 SMALL = (96, 160)  # small images keep the tests fast; the defaults are exercised by the size test
 

@@ -12,8 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from artfuse import storage
 from artfuse.config import ConfigError, StorageConfig
+from artfuse.data import storage
 
 
 def make_tree(root: Path) -> None:

@@ -1,4 +1,4 @@
-"""artfuse.submit without a cluster: the entrypoint, the runtime env, token auth and the follow-the-job loop
+"""artfuse.cluster.submit without a cluster: the entrypoint, the runtime env, token auth and the follow-the-job loop
 against a stand-in for Ray's JobSubmissionClient. (The end-to-end test on a local cluster lives elsewhere.)"""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus
 
-from artfuse import submit
-from artfuse.config import ConfigError
-from artfuse.submit import (
+from artfuse.cluster import submit
+from artfuse.cluster.submit import (
     JOBS,
     PROJECT_ROOT,
     build_entrypoint,
@@ -22,6 +21,7 @@ from artfuse.submit import (
     enable_token_auth_if_available,
     submit_job,
 )
+from artfuse.config import ConfigError
 
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "HOME")
 
@@ -165,7 +165,7 @@ def test_submit_streams_logs_and_returns_0_when_the_job_succeeds(fake_client, mo
 
 def test_submit_returns_1_and_says_why_when_the_job_fails(fake_client, monkeypatch, caplog):
     monkeypatch.setattr(FakeClient, "final_status", JobStatus.FAILED)
-    with caplog.at_level(logging.ERROR, logger="artfuse.submit"):
+    with caplog.at_level(logging.ERROR, logger="artfuse.cluster.submit"):
         assert submit_job("label", "http://127.0.0.1:8265", [], out=io.StringIO()) == 1
     assert "FAILED" in caplog.text and "exit code 1" in caplog.text
 
@@ -182,7 +182,7 @@ def test_an_unreachable_cluster_is_a_clear_failure(monkeypatch, clean_auth, capl
         raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
 
     monkeypatch.setattr(submit, "JobSubmissionClient", refuse)
-    with caplog.at_level(logging.ERROR, logger="artfuse.submit"):
+    with caplog.at_level(logging.ERROR, logger="artfuse.cluster.submit"):
         assert submit_job("label", "http://10.0.0.1:8265", []) == 1
     assert "http://10.0.0.1:8265" in caplog.text
 

@@ -28,13 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from artfuse import storage
 from artfuse.config import ModelConfig
-from artfuse.label import prediction_schema
+from artfuse.data import storage
+from artfuse.data.preprocess import Preprocess
+from artfuse.data.samples import MOVEMENTS, generate_samples
 from artfuse.models import create_model, data_config
-from artfuse.package import read_manifest, save_package
-from artfuse.preprocess import Preprocess
-from artfuse.samples import MOVEMENTS, generate_samples
+from artfuse.models.package import read_manifest, save_package
+from artfuse.pipelines.label import prediction_schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

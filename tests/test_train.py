@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from artfuse.config import load_config
-from artfuse.samples import generate_samples
-from artfuse.train import train
+from artfuse.data.samples import generate_samples
+from artfuse.pipelines.train import train
 
 pytestmark = pytest.mark.slow
 TINY = [

@@ -19,7 +19,7 @@ from ray import tune as ray_tune
 from ray.tune.search.sample import Categorical, Domain
 
 from artfuse.config import ConfigError, load_config
-from artfuse.tune import (
+from artfuse.pipelines.tune import (
     check_same_search,
     check_space,
     finished_run_metrics,
@@ -134,8 +134,8 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_asha_stops_the_trials_below_the_cutoff_and_the_table_says_so(tmp_path, ray_local):
-    from artfuse.samples import generate_samples
-    from artfuse.tune import tune
+    from artfuse.data.samples import generate_samples
+    from artfuse.pipelines.tune import tune
 
     generate_samples(str(tmp_path / "samples"), n=60, seed=0)
     # One trial at a time and a seeded space (learning rates from hopeless to good): the same trials reach the first
@@ -219,7 +219,7 @@ def test_a_run_counts_as_finished_only_once_it_has_checkpointed_every_epoch(tmp_
 
 @pytest.mark.slow
 def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
-    from artfuse.samples import generate_samples
+    from artfuse.data.samples import generate_samples
 
     data, out, log_path = tmp_path / "samples", tmp_path / "search", tmp_path / "first.log"
     generate_samples(str(data), n=60, seed=0)
@@ -290,8 +290,8 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     assert best_cfg.model.d_model % best_cfg.model.num_heads == 0
     assert best_cfg.train.torch_threads == 0  # the user's setting, not the share each concurrent trial got
 
-    from artfuse.label import label
-    from artfuse.package import load_package
+    from artfuse.models.package import load_package
+    from artfuse.pipelines.label import label
 
     package = load_package(str(out / "best"))
     assert package.model_config.fusion == best["model.fusion"]

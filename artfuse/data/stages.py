@@ -21,9 +21,9 @@ import pyarrow as pa
 import ray.data
 from PIL import ExifTags, Image
 
-from artfuse import images, storage
 from artfuse.config import StorageConfig
-from artfuse.images import Decoded, decode_image
+from artfuse.data import images, storage
+from artfuse.data.images import Decoded, decode_image
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2

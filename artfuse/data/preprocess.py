@@ -1,6 +1,6 @@
 """What a model package expects of its input: size, crop and normalisation, in one place.
 
-Decoding (artfuse.images) produces uint8 RGB at `resize` px, centre-cropped square; training crops randomly
+Decoding (artfuse.data.images) produces uint8 RGB at `resize` px, centre-cropped square; training crops randomly
 to `img_size`, evaluation and labelling crop the centre. The float conversion happens on the model's device,
 so uint8 (4x smaller than float32) is what crosses Ray's object store and the host->device copy.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from artfuse.images import center_crop
+from artfuse.data.images import center_crop
 
 CROP_FRACTION = 0.875  # timm's default crop_pct: decode at img_size / 0.875, evaluate the centre img_size
 

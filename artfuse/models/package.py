@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from artfuse import storage
 from artfuse.config import ConfigError, ModelConfig, from_dict, to_dict
+from artfuse.data import storage
+from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model
-from artfuse.preprocess import Preprocess
 
 FORMAT = "artfuse-package/2"  # 2: FusionNet keeps the whole CNN (its pooled features feed the fusion)
 WEIGHTS = "model.safetensors"

@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from artfuse.catalog import load_collection
+from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError
-from artfuse.label import prediction_dataset
-from artfuse.metrics import confusion_matrix, summarize
-from artfuse.package import read_manifest
-from artfuse.plots import plot_confusion
-from artfuse.runtime import ensure_ray
+from artfuse.data.catalog import load_collection
+from artfuse.models.package import read_manifest
+from artfuse.pipelines.label import prediction_dataset
+from artfuse.reporting.metrics import confusion_matrix, summarize
+from artfuse.reporting.plots import plot_confusion
 
 log = logging.getLogger(__name__)
 

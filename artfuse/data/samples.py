@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from artfuse.config import ConfigError
-from artfuse.storage import resolve
+from artfuse.data.storage import resolve
 
 Rng = np.random.Generator
 Color = tuple[int, int, int]

@@ -44,15 +44,22 @@ import ray
 import torch
 from PIL import Image
 
-from artfuse import storage
+from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError
-from artfuse.gpudecode import decode_jpegs
-from artfuse.images import bench_decode
-from artfuse.label import LabelModel, actor_resources, actor_runtime_env, available_cpus, label, uses_gpu_decode
+from artfuse.data import storage
+from artfuse.data.gpudecode import decode_jpegs
+from artfuse.data.images import bench_decode
+from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
-from artfuse.package import read_manifest, save_package
-from artfuse.preprocess import Preprocess
-from artfuse.runtime import ensure_ray
+from artfuse.models.package import read_manifest, save_package
+from artfuse.pipelines.label import (
+    LabelModel,
+    actor_resources,
+    actor_runtime_env,
+    available_cpus,
+    label,
+    uses_gpu_decode,
+)
 
 log = logging.getLogger(__name__)
 DISTINCT_IMAGES = 16  # generated once, then repeated as files: decode cost does not depend on repetition

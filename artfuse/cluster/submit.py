@@ -26,7 +26,7 @@ from artfuse.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 JOBS = ("train", "tune", "label", "evaluate")
 # Never upload environments, history or outputs; .gitignore'd files are skipped by Ray as well.
 RUNTIME_ENV_EXCLUDES = (

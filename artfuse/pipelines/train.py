@@ -28,15 +28,15 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 
-from artfuse import stages, storage
-from artfuse.catalog import Collection, load_collection
+from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, to_dict
-from artfuse.metrics import confusion_matrix, summarize
+from artfuse.data import stages, storage
+from artfuse.data.catalog import Collection, load_collection
+from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
-from artfuse.package import save_package
-from artfuse.plots import plot_history
-from artfuse.preprocess import Preprocess
-from artfuse.runtime import ensure_ray
+from artfuse.models.package import save_package
+from artfuse.reporting.metrics import confusion_matrix, summarize
+from artfuse.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 DECODE_ROWS_PER_TASK = 32

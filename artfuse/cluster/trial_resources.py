@@ -19,8 +19,8 @@ from ray._raylet import PlacementGroupID
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-from artfuse import storage
 from artfuse.config import StorageConfig
+from artfuse.data import storage
 
 RECORD = "placement_group.txt"
 SETTLE_S = 1.0  # after a trial ends, before its group is removed: Tune stops the trial's process meanwhile

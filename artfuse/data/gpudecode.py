@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from artfuse.images import decode_image
-from artfuse.stages import GPU_JPEG, RAW
+from artfuse.data.images import decode_image
+from artfuse.data.stages import GPU_JPEG, RAW
 
 # JPEGs per nvJPEG call: their full-size pixels live on the GPU until resized (64 x 16 MP is 3 GB at most)
 DECODE_CHUNK = 64

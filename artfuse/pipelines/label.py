@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from artfuse import gpudecode, stages, storage
-from artfuse.catalog import list_inputs
+from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError, LabelConfig, StorageConfig
-from artfuse.package import load_package, read_manifest
-from artfuse.predict import CPU_INFERENCE_ENV, Predictor, pick_device
-from artfuse.preprocess import Preprocess
-from artfuse.runtime import ensure_ray
+from artfuse.data import gpudecode, stages, storage
+from artfuse.data.catalog import list_inputs
+from artfuse.data.preprocess import Preprocess
+from artfuse.models.package import load_package, read_manifest
+from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 
 log = logging.getLogger(__name__)
 KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across nights

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from artfuse.package import Package
+from artfuse.models.package import Package
 
 log = logging.getLogger(__name__)
 

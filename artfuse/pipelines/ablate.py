@@ -12,10 +12,10 @@ import io
 import statistics
 import time
 
-from artfuse import storage
 from artfuse.config import Config
+from artfuse.data import storage
 from artfuse.models import create_model
-from artfuse.train import export_package, make_trainer, prepare_inputs, preprocess_for
+from artfuse.pipelines.train import export_package, make_trainer, prepare_inputs, preprocess_for
 
 ARCHS = ("fusion", "cnn_only", "transformer_only")
 COLUMNS = ("arch", "val_accuracy", "val_macro_f1", "params_m", "train_img_s", "best_epoch", "minutes")

@@ -41,12 +41,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain
 
-from artfuse import storage
+from artfuse.cluster.runtime import ensure_ray
+from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
-from artfuse.plots import plot_metric_by_param
-from artfuse.runtime import ensure_ray
-from artfuse.train import TrainInputs, export_package, make_trainer, prepare_inputs
-from artfuse.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
+from artfuse.data import storage
+from artfuse.pipelines.train import TrainInputs, export_package, make_trainer, prepare_inputs
+from artfuse.reporting.plots import plot_metric_by_param
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from artfuse.config import load_config
-from artfuse.evaluate import evaluate
-from artfuse.label import label
-from artfuse.samples import generate_samples
-from artfuse.train import train
+from artfuse.data.samples import generate_samples
+from artfuse.pipelines.evaluate import evaluate
+from artfuse.pipelines.label import label
+from artfuse.pipelines.train import train
 
 # Small enough to finish in a few minutes on 2 cores; still the real fusion model on a pretrained backbone.
 DEMO_SETTINGS = [

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from artfuse import storage as st
 from artfuse.config import ConfigError, DataConfig, StorageConfig
-from artfuse.images import IMAGE_SUFFIXES
+from artfuse.data import storage as st
+from artfuse.data.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

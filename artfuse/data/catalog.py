@@ -107,18 +107,29 @@ def load_collection(uri: str, data: DataConfig, storage: StorageConfig | None = 
 def list_inputs(uri: str, storage: StorageConfig | None = None) -> pa.Table:
     """(uri, size, etag) of every input to label: a manifest's paths, or every file under a folder except
     hidden ones and obvious non-images (.csv, .json, .txt, ...); a `.jpg` that is really garbage is kept,
-    so the labelling job can give it an error row."""
+    so the labelling job can give it an error row.
+
+    A manifest's path listed twice is one input (the table's metadata `duplicates` counts the extra rows); a
+    path whose object does not exist is kept with size 0 and an empty etag, so it gets its error row."""
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
-        uris = sorted(_manifest_uris(_read_manifest(uri, storage), root, uri))
-        sizes, etags = _sizes_and_etags(uris, root, uri, storage)
-        return pa.table(
+        listed = _manifest_uris(_read_manifest(uri, storage), root, uri)
+        uris = sorted(set(listed))
+        known = _listing_of(uris, root, storage)
+        missing = [u for u in uris if u not in known]
+        if missing:
+            logger.warning("%d path(s) in %s not found, e.g. %s: each gets an error row", len(missing), uri, missing[0])
+        duplicates = len(listed) - len(uris)
+        if duplicates:
+            logger.warning("%s lists %d path(s) more than once: each object is labelled once", uri, duplicates)
+        table = pa.table(
             {
                 "uri": pa.array(uris, pa.string()),
-                "size": pa.array(sizes, pa.int64()),
-                "etag": pa.array(etags, pa.string()),
+                "size": pa.array([known.get(u, (0, ""))[0] for u in uris], pa.int64()),
+                "etag": pa.array([known.get(u, (0, ""))[1] for u in uris], pa.string()),
             }
         )
+        return table.replace_schema_metadata({"duplicates": str(duplicates)})
     root = st.canonical_uri(uri)
     listing = st.list_objects(uri, storage)
     keep = [
@@ -217,19 +228,25 @@ def _manifest_uris(manifest: pa.Table, root: str, manifest_uri: str) -> list[str
 def _sizes_and_etags(
     uris: list[str], root: str, manifest_uri: str, storage: StorageConfig | None
 ) -> tuple[list[int], list[str]]:
-    """Size and etag of each manifest object from one listing of the root (plus one per folder outside it)."""
+    """Size and etag of each manifest object; every one must exist."""
+    known = _listing_of(uris, root, storage)
+    missing = [u for u in uris if u not in known]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ConfigError(f"{len(missing)} path(s) in manifest {manifest_uri} not found: {shown}")
+    return [known[u][0] for u in uris], [known[u][1] for u in uris]
+
+
+def _listing_of(uris: list[str], root: str, storage: StorageConfig | None) -> dict[str, tuple[int, str]]:
+    """uri -> (size, etag) from one listing of the root (plus one per folder outside it); absent objects left out."""
     known = _listing_by_uri(root, storage)
     outside_folders = {posixpath.dirname(u) for u in uris if u not in known and not u.startswith(root + "/")}
     for folder in sorted(outside_folders):
         try:
             known.update(_listing_by_uri(folder, storage))
         except ConfigError:
-            pass  # reported below, by object
-    missing = [u for u in uris if u not in known]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ConfigError(f"{len(missing)} path(s) in manifest {manifest_uri} not found: {shown}")
-    return [known[u][0] for u in uris], [known[u][1] for u in uris]
+            pass  # the caller decides about objects not found
+    return known
 
 
 def _listing_by_uri(uri: str, storage: StorageConfig | None) -> dict[str, tuple[int, str]]:

@@ -50,7 +50,7 @@ def _read(
     try:
         data = storage.read_bytes(uri, storage_config)
     except FileNotFoundError:
-        return None, "missing: the object disappeared after listing"
+        return None, "missing: no such object (deleted since it was listed, or never there)"
     except Exception as e:  # noqa: BLE001 - any read failure becomes this row's error, never the job's
         return None, f"unreadable: {type(e).__name__}: {e}"
     return data, None

@@ -5,7 +5,7 @@ With `label.gpu_decode` on GPU actors, the CPU tasks only read, and JPEGs decode
 Every listed input yields exactly one row per run, a prediction or an error. Rows land under
 `<out>/run_date=YYYY-MM-DD/` (hive partitioning); a rerun skips inputs the output already holds with the
 same uri, etag and size, so the same night twice adds nothing and a new night labels only new or changed
-objects. A file left half-written by a killed run is removed on the next run and its inputs labelled again.
+objects. What the job does with files under the output it cannot use (never delete them) is in `label_output`.
 Run one labelling job per output at a time.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import ray.data
 import torch
 
@@ -33,12 +33,9 @@ from artfuse.data.catalog import list_inputs
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
+from artfuse.pipelines.label_output import KEY, filename_provider, is_own_file, labelled_inputs
 
 log = logging.getLogger(__name__)
-KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across nights
-EMPTY_KEYS = pa.table(
-    {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
-)
 MB = 2**20
 DECODE_TASK_MEMORY = 512 * MB  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
@@ -264,26 +261,6 @@ def actor_runtime_env(cfg: LabelConfig) -> dict | None:
     return {"env_vars": CPU_INFERENCE_ENV} if cfg.num_gpus_per_actor <= 0 else None
 
 
-def labelled_inputs(out_uri: str, storage_config: StorageConfig | None) -> pa.Table:
-    """(uri, etag, size) already in the output. Unreadable files (a run killed mid-write) are removed."""
-    fs, root = storage.resolve(out_uri, storage_config)
-    if not fs.exists(root):
-        return EMPTY_KEYS
-    tables = []
-    for path in sorted(fs.find(root)):
-        if not path.endswith(".parquet") or "/_" in path[len(root) :]:
-            continue
-        try:
-            with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=KEY))
-        except Exception as e:  # noqa: BLE001 - a torn file from an interrupted run; its inputs are redone
-            log.warning("removing unreadable output file %s (an interrupted run?): %s", path, e)
-            fs.rm(path)
-    if not tables:
-        return EMPTY_KEYS
-    return pa.concat_tables(tables).group_by(KEY).aggregate([])
-
-
 def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
     """Label what is new under `input_uri` into `out_uri`; returns (and writes) the run report."""
     started = time.time()
@@ -293,7 +270,8 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
     read_manifest(model_uri, cfg.storage)  # a bad --model fails here, before any work
 
     listed = list_inputs(input_uri, cfg.storage)
-    done = labelled_inputs(out_uri, cfg.storage)
+    output = labelled_inputs(out_uri, cfg.storage, run_id)
+    done = output.done
     todo = listed.join(done, keys=KEY, join_type="left anti") if done.num_rows else listed
     todo = todo.sort_by("uri")
     listed_s = time.time() - started
@@ -312,7 +290,12 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
         partition = storage.join(out_uri, f"run_date={run_date}")
         ds = prediction_dataset(todo, model_uri, cfg, run_id=run_id, labelled_at=labelled_at)
         fs, root = storage.arrow_filesystem(partition, cfg.storage)
-        ds.write_parquet(root, filesystem=fs, min_rows_per_file=max(cfg.label.rows_per_file, 1))
+        ds.write_parquet(
+            root,
+            filesystem=fs,
+            min_rows_per_file=max(cfg.label.rows_per_file, 1),
+            filename_provider=filename_provider(run_id),
+        )
         labelling_s = time.time() - pipeline_started
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data stats:\n%s", ds.stats())
@@ -329,6 +312,9 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
         "skipped": listed.num_rows - todo.num_rows,
         "labelled": counts["labelled"],
         "errors": counts["errors"],
+        "duplicates_ignored": int((listed.schema.metadata or {}).get(b"duplicates", 0)),
+        "set_aside": output.set_aside,
+        "foreign_files": output.foreign,
         "img_s": round(todo.num_rows / labelling_s, 2) if labelling_s else 0.0,  # start-up included
         "durations_s": {
             "listing": round(listed_s, 2),
@@ -348,7 +334,11 @@ def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
 def run_counts(partition_uri: str, run_id: str, todo: pa.Table, storage_config: StorageConfig | None) -> dict:
     """Labelled and error rows this run wrote; raises unless they are exactly one row per input in `todo`."""
     fs, root = storage.arrow_filesystem(partition_uri, storage_config)
-    written = read_output(fs, root, ["uri", "etag", "size", "error"], pc.field("run_id") == run_id)
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    mine = [f.path for f in found if f.type == pafs.FileType.File and is_own_file(f.path, run_id)]
+    if not mine:
+        raise RuntimeError(f"labelling lost every row: {todo.num_rows} inputs to label, no file written under {root}")
+    written = pads.dataset(mine, filesystem=fs, format="parquet").to_table(columns=["uri", "etag", "size", "error"])
     distinct = written.group_by(KEY).aggregate([])
     missing = todo.join(distinct, keys=KEY, join_type="left anti").num_rows
     if written.num_rows != todo.num_rows or distinct.num_rows != written.num_rows or missing:

@@ -1,0 +1,109 @@
+"""What the label job keeps under its `--out`: which Parquet files are its own, what they already hold, and what
+happens to files it cannot use. Nothing here deletes a file.
+
+The job names every file it writes `artfuse-<run_id>_<write id>_<task>-<i>.parquet` (`filename_provider`). When it
+reads the output back:
+- a readable Parquet file with the prediction columns counts, whoever named it (files of earlier versions too);
+- a file named as ours that is not valid Parquet is a write cut short by a killed run: it is moved to
+  `<out>/_set_aside/<this run_id>/<its path>` and its inputs are labelled again;
+- any other file (not ours and not predictions) is left alone and reported as foreign;
+- a read that fails (permission, network, throttling) fails the run naming the file: it may be transient, and
+  a job must not guess that rows it cannot see are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+from artfuse.config import StorageConfig
+from artfuse.data import storage
+
+log = logging.getLogger(__name__)
+KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across nights
+PREDICTION_COLUMNS = frozenset([*KEY, "run_id", "model_id", "labelled_at", "error"])
+EMPTY_KEYS = pa.table(
+    {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
+)
+SET_ASIDE = "_set_aside"  # where torn files go, one folder per run that moved them
+OWN_FILE = re.compile(r"^artfuse-(?P<run_id>\d{8}T\d{6}-[0-9a-f]{8})_.+\.parquet$")
+
+
+class OutputUnreadable(RuntimeError):
+    """A file under the output could not be read; the run stops rather than relabel (or lose) its rows."""
+
+
+@dataclass
+class OutputState:
+    done: pa.Table  # distinct (uri, etag, size) already labelled
+    set_aside: list[dict] = field(default_factory=list)  # {"file", "to"}: torn files this run moved
+    foreign: list[str] = field(default_factory=list)  # files the job did not write and does not use
+
+
+def filename_provider(run_id: str) -> FilenameProvider:
+    """Ray Data names this run's files `artfuse-<run_id>_...parquet`: the job knows its own files by name."""
+    return FilenameProvider(dataset_uuid=f"artfuse-{run_id}", file_format="parquet")
+
+
+def is_own_file(path: str, run_id: str | None = None) -> bool:
+    """Whether `path` is named as the label job names its files (by the run `run_id`, when given)."""
+    match = OWN_FILE.match(path.rsplit("/", 1)[-1])
+    return bool(match) and (run_id is None or match["run_id"] == run_id)
+
+
+def labelled_inputs(out_uri: str, storage_config: StorageConfig | None, run_id: str) -> OutputState:
+    """(uri, etag, size) already in the output; torn files of ours are set aside (under `run_id`), others reported."""
+    fs, root = storage.resolve(out_uri, storage_config)
+    state = OutputState(done=EMPTY_KEYS)
+    if not fs.exists(root):
+        return state
+    tables, torn = [], []
+    for path in sorted(fs.find(root)):
+        below = path[len(root) :]
+        if "/_" in below or "/." in below:  # reports, the lock, set-aside files, hidden files
+            continue
+        uri = _uri(out_uri, root, path)
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                if not PREDICTION_COLUMNS <= set(parquet.schema_arrow.names):
+                    state.foreign.append(uri)
+                    continue
+                tables.append(parquet.read(columns=KEY))
+        except pa.ArrowInvalid as e:  # the bytes arrived and are not Parquet: torn if we wrote it
+            if is_own_file(path):
+                torn.append((path, e))
+            else:
+                state.foreign.append(uri)
+        except Exception as e:
+            raise OutputUnreadable(
+                f"cannot read {uri} ({type(e).__name__}: {e}); nothing under {out_uri} was changed: rerun once "
+                "storage answers (or grant read access), or move the file out of the output if it is not needed"
+            ) from e
+    # Only once every file was read: a run that fails on a read leaves the output exactly as it found it.
+    state.set_aside = [_set_aside(fs, out_uri, root, path, run_id, e) for path, e in torn]
+    for uri in state.foreign:
+        log.warning("leaving %s alone: not a prediction file of this job (its rows, if any, are not counted)", uri)
+    if tables:
+        state.done = pa.concat_tables(tables).group_by(KEY).aggregate([])
+    return state
+
+
+def _set_aside(fs, out_uri: str, root: str, path: str, run_id: str, error: Exception) -> dict:
+    relative = path[len(root) :].lstrip("/")
+    target = f"{root}/{SET_ASIDE}/{run_id}/{relative}"
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(path, target)
+    moved = {"file": _uri(out_uri, root, path), "to": _uri(out_uri, root, target)}
+    log.warning("set aside %s (a write cut short, %s): its inputs are labelled again", moved["to"], error)
+    return moved
+
+
+def _uri(out_uri: str, root: str, path: str) -> str:
+    """`path` (as the filesystem names it) as a URI of the same kind as `out_uri`."""
+    return storage.join(out_uri, path[len(root) :])

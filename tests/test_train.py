@@ -17,7 +17,7 @@ import pytest
 
 from artfuse.config import load_config
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.train import train
+from artfuse.pipelines.train import CHECKPOINT, load_checkpoint, train
 
 pytestmark = pytest.mark.slow
 TINY = [
@@ -87,7 +87,7 @@ def test_interrupted_run_resumes_at_next_epoch(samples, tmp_path):
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
-    states = [json.loads((c / "state.json").read_text()) for c in checkpoints(out) if (c / "state.json").exists()]
+    states = [load_checkpoint(c) for c in checkpoints(out) if (c / CHECKPOINT).exists()]
     done = max(s["epoch"] for s in states) + 1  # epochs completed before the kill
     assert 1 <= done < 4, "the first run should have been interrupted mid-way"
 
@@ -107,3 +107,17 @@ def test_interrupted_run_resumes_at_next_epoch(samples, tmp_path):
     assert reported == set(range(restored + 1, 5)), f"the rerun trained epochs {sorted(reported)}"
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_worker_with_an_empty_shard_still_reports_its_epochs(samples, tmp_path, ray_local):
+    # One training image over two workers: at least one worker's shard has no batch at all.
+    images = sorted(p for p in samples.rglob("*.jpg"))
+    first_label = images[0].parent.name
+    rows = [f"{images[0]},{first_label},train"]
+    rows += [f"{p},{p.parent.name},val" for p in images[1:] if p.parent.name == first_label][:4]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    cfg = load_config(None, [*TINY, "train.epochs=2", "train.num_workers=2"])
+    summary = train(str(manifest), str(tmp_path / "model"), cfg)
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and summary["n_train"] == 1

@@ -25,7 +25,6 @@ import torch
 from ray.experimental.tqdm_ray import tqdm
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 
 from artfuse.cluster.runtime import ensure_ray
@@ -40,7 +39,6 @@ from artfuse.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 DECODE_ROWS_PER_TASK = 32
-TRAINING_WEIGHTS = "training.safetensors"  # in a checkpoint with EMA on: the optimised weights (model.safetensors: EMA)
 
 
 def label_column(task: str) -> str:
@@ -182,13 +180,12 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
     """The best epoch of `result` as a model package at `out_uri`, with history.json and curves.png beside it."""
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])
     with best_checkpoint.as_directory() as best_dir:
-        best_state = load_file(Path(best_dir) / "model.safetensors")
-        best = json.loads((Path(best_dir) / "state.json").read_text())
+        best = load_checkpoint(best_dir)
     with result.checkpoint.as_directory() as last_dir:
-        history = json.loads((Path(last_dir) / "state.json").read_text())["history"]
+        history = load_checkpoint(last_dir)["history"]
 
     model = create_model(cfg.model, {t: len(v) for t, v in inputs.vocabs.items()}, load_pretrained=False)
-    model.load_state_dict(best_state)
+    model.load_state_dict(packaged_weights(best))
     model_id = save_package(
         out_uri,
         model,
@@ -281,8 +278,22 @@ def validate(model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, de
     return {"n": int(sum(len(b) for b in truth[next(iter(vocabs))])), "tasks": tasks}
 
 
-def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(directory: str | Path, checkpoint: dict) -> None:
+    """One checkpoint, one dict: {"model": the optimised weights, "ema": the EMA weights or None, "optimizer",
+    "epoch" (0-based, completed), "history": every epoch's metrics so far, "val": this epoch's validation}."""
+    torch.save(checkpoint, Path(directory) / CHECKPOINT)
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> dict:
+    return torch.load(Path(directory) / CHECKPOINT, map_location=device, weights_only=True)
+
+
+def packaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """What is validated and packaged: the EMA weights when EMA is on, steadier than the last step's."""
+    return checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"]
 
 
 def train_loop(config: dict) -> None:
@@ -299,13 +310,19 @@ def train_loop(config: dict) -> None:
         threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
         torch.set_num_threads(threads)
 
-    model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
+    # nanoGPT's habit: `model` is what the step runs (DDP-wrapped when world > 1, maybe compiled), `raw_model` the
+    # module underneath, whose state dict is saved. The EMA (timm's ModelEmaV3) is a second model with its own
+    # weights: the averaged ones, steadier on small collections (the paper's unstable training); its warmup makes
+    # the average's horizon grow with the steps.
+    raw_model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    core = getattr(model, "module", model)  # DDP wraps the model when world > 1
-    forward = torch.compile(model) if cfg.train.compile else model
-    optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=cfg.train.lr)
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(raw_model)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
+    eval_model = ema.module if ema else raw_model
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.train.lr)
     weights = config["class_weights"] or {}
     losses = {
         task: torch.nn.CrossEntropyLoss(
@@ -319,22 +336,16 @@ def train_loop(config: dict) -> None:
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    # Validated, checkpointed and packaged: the weights' moving average, steadier than the last step's weights on
-    # small collections (the paper's unstable training). Its warmup makes the average's horizon grow with the steps.
-    ema = ModelEmaV3(core, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
-    evaluated = ema.module if ema else core
-
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            if ema:
-                core.load_state_dict(load_file(Path(d) / TRAINING_WEIGHTS, device=str(device)))
-            evaluated.load_state_dict(load_file(Path(d) / "model.safetensors", device=str(device)))
-            optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location=device, weights_only=True))
-            state = json.loads((Path(d) / "state.json").read_text())
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}: starting epoch {start_epoch + 1}")
+    if ray.train.get_checkpoint():
+        with ray.train.get_checkpoint().as_directory() as d:
+            checkpoint = load_checkpoint(d, device)
+        raw_model.load_state_dict(checkpoint["model"])
+        if ema:
+            ema.module.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
+        print(f"resuming from the checkpoint of epoch {start_epoch}: starting epoch {start_epoch + 1}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -345,13 +356,14 @@ def train_loop(config: dict) -> None:
             batch_size=cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
         )
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") if rank == 0 else None
-        for step, batch in enumerate(batches):
-            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, cfg)
+        for i, batch in enumerate(batches):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             x = preprocess.to_tensor(batch["image"], device)
             with autocast:
-                logits = forward(x)
+                logits = model(x)
                 loss = sum(losses[t](logits[t].float(), batch[label_column(t)].to(device)) for t in vocabs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -359,7 +371,7 @@ def train_loop(config: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             if ema:
-                ema.update(core, step=epoch * steps_per_epoch + step + 1)
+                ema.update(raw_model, step=step + 1)
             seen += len(x)
             loss_sum += loss.item() * len(x)
             if bar:
@@ -367,11 +379,13 @@ def train_loop(config: dict) -> None:
         if bar:
             bar.close()
         elapsed = time.perf_counter() - started
-        val = validate(evaluated, val_shard, preprocess, vocabs, device, cfg.train.batch_size)
+
+        val = validate(eval_model, val_shard, preprocess, vocabs, device, cfg.train.batch_size)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
-            "lr": lr,
+            # the schedule's rate at the epoch's last step (set above per step; a worker's shard may be empty)
+            "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, warmup_steps, cfg),
             "train_img_s": round(seen * world / elapsed, 2),
             "val_accuracy": float(np.mean([v["accuracy"] for v in val["tasks"].values()])),
             "val_macro_f1": float(np.mean([v["macro_f1"] for v in val["tasks"].values()])),
@@ -380,9 +394,13 @@ def train_loop(config: dict) -> None:
         print(json.dumps(metrics))
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_file(tensors(evaluated), Path(d) / "model.safetensors")
-                if ema:
-                    save_file(tensors(core), Path(d) / TRAINING_WEIGHTS)
-                torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "val": val}))
+                checkpoint = {
+                    "model": raw_model.state_dict(),
+                    "ema": ema.module.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "val": val,
+                }
+                save_checkpoint(d, checkpoint)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)

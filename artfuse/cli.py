@@ -21,7 +21,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+    corrections = getattr(args, "corrections", None)
+    overrides = [*(getattr(args, "set", None) or []), *([f"data.corrections={corrections}"] if corrections else [])]
+    return load_config(getattr(args, "config", None), overrides)
 
 
 def _print(result: dict) -> None:
@@ -38,6 +40,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from artfuse.pipelines.train import train
 
     _print(train(args.data, args.out, _config(args)))
+
+
+def _corrections_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--corrections", metavar="URI", help=help)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -108,6 +114,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_review(args: argparse.Namespace) -> None:
+    from artfuse.review.app import review
+
+    cfg = load_config(args.config, args.set)
+    review(
+        args.predictions,
+        args.corrections,
+        cfg,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        reviewer=args.reviewer,
+        model_uri=args.model,
+    )
+
+
+def cmd_similar(args: argparse.Namespace) -> None:
+    from artfuse.review.neighbours import similar
+
+    _print(similar(args.predictions, args.uri, args.k, _config(args)))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from artfuse.pipelines.demo import demo
 
@@ -154,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="where the package goes; rerun with the same --out to resume",
     )
+    _corrections_option(p, "a corrections dataset (artfuse review): its decisions override and extend the labels")
     _with_config(p)
 
     p = command(
@@ -162,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "score a model package on a labelled collection (metrics.json + confusion PNGs)",
     )
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
-    p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
+    p.add_argument("--data", metavar="URI", help="labelled collection")
+    _corrections_option(p, "a corrections dataset: alone, score on its decided objects; with --data, merged into it")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and the PNGs")
     _with_config(p)
 
@@ -221,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
     p.add_argument("--forward-credentials", action="store_true", help="pass this shell's AWS credentials to the job")
+
+    p = command(
+        "review",
+        cmd_review,
+        "review unsure predictions in the browser; each decision is appended to a corrections dataset",
+    )
+    p.add_argument("--predictions", required=True, metavar="URI", help="the --out of `artfuse label`")
+    p.add_argument("--corrections", required=True, metavar="URI", help="corrections dataset to append to")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--token", help="access token (default: $ARTFUSE_REVIEW_TOKEN, or a new one off loopback)")
+    p.add_argument("--reviewer", help="name recorded with each decision (default: the login name)")
+    p.add_argument("--model", metavar="URI", help="model package: its vocabulary (default: labels seen in the top-k)")
+    _with_config(p)
+
+    p = command("similar", cmd_similar, "the artworks nearest to one, by the embeddings of a predictions dataset")
+    p.add_argument("--predictions", required=True, metavar="URI", help="`artfuse label` output with embeddings")
+    p.add_argument("--uri", required=True, metavar="URI", help="the artwork (its uri in the predictions)")
+    p.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    _with_config(p)
 
     p = command("demo", cmd_demo, "samples -> train -> evaluate -> label on generated data, locally")
     p.add_argument(

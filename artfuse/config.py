@@ -55,6 +55,7 @@ class DataConfig:
     seed: int = 0  # split seed
     max_pixels: int = 64_000_000  # decoded pixels above this are an error (decompression bombs), not an OOM
     max_bytes: int = 256 * 1024 * 1024  # objects larger than this are an error, not read
+    corrections: str = ""  # a corrections dataset (artfuse review) whose decisions override and extend the labels
 
 
 @dataclass

@@ -44,11 +44,12 @@ class Collection:
     table: pa.Table  # uri, size, etag, one string column per task, split ("train" / "val"); sorted by uri
     tasks: list[str]
     vocabs: dict[str, list[str]]  # sorted labels per task
+    extra: str = ""  # a digest of what else shaped the table (a corrections dataset), part of the fingerprint
 
     @property
     def fingerprint(self) -> str:
         """Short sha256 over the sorted (uri, etag, labels) rows: changes when an image or a label does."""
-        digest = hashlib.sha256("\x1f".join(self.tasks).encode())
+        digest = hashlib.sha256("\x1f".join(self.tasks).encode() + self.extra.encode())
         columns = [self.table.column(name).to_pylist() for name in ("uri", "etag", *self.tasks)]
         for row in sorted(zip(*columns, strict=True)):
             digest.update(("\x1e" + "\x1f".join(row)).encode())

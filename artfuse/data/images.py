@@ -87,6 +87,29 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = 64_000_000, draft:
     return Decoded(array, width, height, fmt)
 
 
+def preview_jpeg(data: bytes, max_side: int, *, max_pixels: int = 64_000_000, quality: int = 85) -> bytes | None:
+    """The whole image (not cropped), upright, fitted within max_side x max_side, as a JPEG for a browser; None
+    when `decode_image` would give an error for it."""
+    try:
+        im = _open(data)
+        with im:
+            if im.format in _DRAFTABLE:
+                im.draft("RGB", (max_side, max_side))
+            if im.width * im.height > max_pixels:
+                return None
+            im.load()
+            _transpose_by_exif(im)
+            im = _resizable(im)
+            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            if im.mode in ("RGBA", "LA"):
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            buffer = io.BytesIO()
+            im.convert("RGB").save(buffer, "JPEG", quality=quality)
+    except Exception:  # noqa: BLE001 - bad data has no preview; decode_image names the reason in the predictions
+        return None
+    return buffer.getvalue()
+
+
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     """The central size x size window of an (..., H, W, C) array, as a view."""
     height, width = array.shape[-3:-1]

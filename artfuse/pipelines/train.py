@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 
 from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, to_dict
-from artfuse.data import stages, storage
+from artfuse.data import corrections, stages, storage
 from artfuse.data.catalog import Collection, load_collection
 from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
@@ -102,10 +102,15 @@ class TrainInputs:
     n_val: int
     undecodable: int
     class_weights: dict[str, list[float]]
+    train_table: pa.Table  # what `train` holds before decoding: uri, size, y_<task> (label indices into vocabs)
+    corrections: dict | None = None  # what the run learned from a corrections dataset (data.corrections)
 
 
 def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
     collection = load_collection(data_uri, cfg.data, cfg.storage)
+    learned = None
+    if cfg.data.corrections:
+        collection, learned = corrections.apply(collection, cfg.data.corrections, cfg.storage)
     vocabs = {task: collection.vocabs[task] for task in collection.tasks}
     preprocess = preprocess_for(cfg)
     train_table = with_label_indices(collection.subset("train"), vocabs)
@@ -127,6 +132,8 @@ def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
         n_val=val_table.num_rows - dropped_val,
         undecodable=dropped_train + dropped_val,
         class_weights=class_weights(train_table, vocabs),
+        train_table=train_table,
+        corrections=learned.to_dict() if learned else None,
     )
 
 
@@ -197,6 +204,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
             fingerprint=inputs.collection.fingerprint,
             n_train=inputs.n_train,
             n_val=inputs.n_val,
+            corrections=inputs.corrections,
             best_epoch=best_metrics["epoch"],
             epochs=cfg.train.epochs,
             data_config=to_dict(cfg.data),
@@ -218,6 +226,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "n_train": inputs.n_train,
         "n_val": inputs.n_val,
         "undecodable": inputs.undecodable,
+        "corrections": inputs.corrections,
         "epochs_run": len(history),
         "train_img_s": history[-1]["train_img_s"] if history else None,
         "train_img_s_by_epoch": [h["train_img_s"] for h in history],

@@ -100,6 +100,9 @@ SUBMIT_EPILOG = """\
 token auth: a cluster started with a token needs it here too: RAY_AUTH_TOKEN, a file at RAY_AUTH_TOKEN_PATH,
   or ~/.ray/auth_token (RAY_AUTH_MODE=token is set for you when one is found).
 storage: AWS_ENDPOINT_URL and the AWS region travel with the job; credentials only with --forward-credentials.
+  --forward-credentials puts this shell's AWS keys into the job's runtime_env, which Ray stores with the job and
+  shows to anyone who can open its dashboard or list its jobs. Give the cluster its own credentials instead (IRSA
+  or EKS Pod Identity on EKS, an instance profile on EC2; cluster/README.md).
 
 example:
   artfuse submit label --address http://127.0.0.1:8265 --model s3://models/current \\
@@ -250,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", required=True, metavar="URL", help="the cluster's dashboard, e.g. http://127.0.0.1:8265"
     )
     p.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
-    p.add_argument("--forward-credentials", action="store_true", help="pass this shell's AWS credentials to the job")
+    p.add_argument(
+        "--forward-credentials",
+        action="store_true",
+        help="pass this shell's AWS credentials to the job: Ray keeps them in the job's runtime_env, visible in "
+        "its dashboard; prefer the cluster's own (IRSA, instance profile)",
+    )
 
     p = command(
         "review",

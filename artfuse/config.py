@@ -7,6 +7,7 @@ user can make ends in a `ConfigError` whose message names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -106,6 +107,7 @@ class LabelConfig:
     review_threshold: float = 0.5  # needs_review when a task's top score is below this
     embeddings: bool = False  # write the fused embedding (float16) per row
     run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
+    break_lock: str = ""  # run id of a dead run whose lock on --out this run may take over (README: Guarantees)
     rows_per_file: int = 1024  # least rows per Parquet file; a killed run keeps every file it finished
 
 
@@ -185,6 +187,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cfg
 
 
+def _parse_value(raw: str) -> Any:
+    """A `--set` value as YAML reads it; text YAML cannot read (e.g. 2026-02-30, not a date) stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError):
+        return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, then validated."""
     data: dict = {}
@@ -206,10 +216,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _parse_value(raw)
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+def _is_date(text: str) -> bool:
+    try:
+        return datetime.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 def validate(cfg: Config) -> None:
@@ -234,6 +251,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("label.min_actors must be at least 1 and at most label.max_actors")
     if cfg.label.actor_memory_mb < 0:
         raise ConfigError(f"label.actor_memory_mb must be 0 or more; got {cfg.label.actor_memory_mb}")
+    if cfg.label.run_date and not _is_date(cfg.label.run_date):
+        raise ConfigError(f"label.run_date must be a date, YYYY-MM-DD (it names a folder); got {cfg.label.run_date!r}")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
 
@@ -262,6 +281,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return float(value)
         raise ConfigError(f"{name} expects a number, got {value!r}")
     if hint is str:
+        if isinstance(value, datetime.date):  # YAML reads 2026-01-02 as a date
+            return value.isoformat()
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{name} expects a string, got {value!r}")

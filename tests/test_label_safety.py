@@ -5,6 +5,9 @@ Each test names the promise it backs (README, Guarantees). Tiny images and an un
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import fsspec.implementations.local
@@ -14,12 +17,21 @@ import pyarrow.parquet as pq
 import pytest
 from test_label import FAST, SMALL, TINY
 
-from artfuse.config import load_config
+from artfuse.config import ConfigError, load_config
+from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
+from artfuse.pipelines.evaluate import evaluate
 from artfuse.pipelines.label import label
-from artfuse.pipelines.label_output import OutputUnreadable, is_own_file, labelled_inputs
+from artfuse.pipelines.label_output import (
+    LOCK,
+    OutputLocked,
+    OutputUnreadable,
+    is_own_file,
+    labelled_inputs,
+    output_lock,
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +127,85 @@ def test_a_foreign_file_is_not_read_as_done(tmp_path):
     pq.write_table(pa.table({"uri": ["a"], "etag": ["e"], "size": [1]}), out / "theirs.parquet")
     state = labelled_inputs(str(tmp_path / "out"), None, "20260101T000000-00000000")
     assert state.done.num_rows == 0 and state.foreign == [str(out / "theirs.parquet")]
+
+
+def held_by_a_dead_run(out: str) -> str:
+    """A lock as a killed run leaves it; returns that run's id."""
+    dead = "20260101T000000-deadbeef"
+    storage.create_new(storage.join(out, LOCK), json.dumps({"run_id": dead, "host": "gone", "pid": 1}).encode())
+    return dead
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_one_run_per_output_and_a_safe_takeover_of_a_dead_runs_lock(where, tmp_path, request):
+    """Hole 4: the lock is atomic on the output's storage; a second run fails naming it and its holder; only a run
+    told the dead run's id takes over, and of two such runs at once exactly one wins."""
+    out = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
+    with output_lock(out, None, "20260102T000000-aaaaaaaa") as taken_over:
+        assert taken_over == {}
+        with pytest.raises(OutputLocked, match=rf"run 20260102T000000-aaaaaaaa .*{LOCK}.*label.break_lock="):
+            with output_lock(out, None, "20260102T000000-bbbbbbbb"):
+                pass
+    assert not storage.exists(storage.join(out, LOCK)), "a finished run releases its lock"
+
+    dead = held_by_a_dead_run(out)
+    with pytest.raises(OutputLocked, match=dead):
+        with output_lock(out, None, "20260102T000000-cccccccc", break_lock="20991231T000000-00000000"):
+            pass
+    barrier, won = threading.Barrier(2), []
+
+    def take_over(run_id: str) -> None:
+        barrier.wait()
+        try:
+            with output_lock(out, None, run_id, break_lock=dead) as taken_over:
+                won.append((run_id, taken_over["run_id"]))
+                time.sleep(0.5)  # hold it while the other tries
+        except OutputLocked:
+            pass
+
+    runs = [threading.Thread(target=take_over, args=(f"20260102T000000-{c * 8}",)) for c in "de"]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(won) == 1 and won[0][1] == dead
+    assert not storage.exists(storage.join(out, LOCK))
+
+
+def test_label_refuses_an_output_another_run_holds(package, tmp_path):
+    collection, out = tmp_path / "archive", str(tmp_path / "predictions")
+    generate_samples(str(collection), n=6, size_range=SMALL)
+    dead = held_by_a_dead_run(out)
+    with pytest.raises(OutputLocked, match=dead):
+        label(package, str(collection), out, load_config(None, TINY))
+    assert json.loads(storage.read_bytes(storage.join(out, LOCK)))["run_id"] == dead, "not this run's to remove"
+
+
+def test_run_date_must_be_a_date():
+    """Hole 6: run_date names a folder under --out; anything but YYYY-MM-DD is refused (../x would escape)."""
+    assert load_config(None, ["label.run_date=2026-01-02"]).label.run_date == "2026-01-02"
+    for bad in ("../x", "2026-01-02/../../elsewhere", "2026-1-2", "2026-02-30", "today"):
+        with pytest.raises(ConfigError, match="label.run_date must be a date, YYYY-MM-DD"):
+            load_config(None, [f"label.run_date={bad}"])
+
+
+def test_an_input_that_lists_nothing_fails_naming_it(package, tmp_path):
+    """Hole 7: an empty folder, or a file that is no manifest, fails loudly (exit 2). A night with nothing new
+    stays a success: test_label.py::test_every_input_gets_one_row_and_reruns_label_only_new_objects."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "inputs.json").write_text('["a.jpg"]')
+    for input_uri in (str(tmp_path / "empty"), str(tmp_path / "inputs.json")):
+        with pytest.raises(ConfigError, match=f"--input {input_uri} lists nothing to label"):
+            label(package, input_uri, str(tmp_path / "out"), load_config(None, TINY))
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
+def test_evaluate_writes_to_s3_through_storage(package, tmp_path, s3_bucket, ray_local, monkeypatch):
+    """Hole 5: `evaluate --out s3://...` writes to S3, not to a local folder named `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    generate_samples(str(tmp_path / "c"), n=12, size_range=SMALL)
+    out = f"s3://{s3_bucket}/evaluation"
+    metrics = evaluate(package, str(tmp_path / "c"), load_config(None, [*TINY, *FAST]), out)
+    assert json.loads(storage.read_bytes(f"{out}/metrics.json")) == metrics
+    assert storage.read_bytes(f"{out}/confusion_label.png").startswith(b"\x89PNG")
+    assert not (tmp_path / "s3:").exists()

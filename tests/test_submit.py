@@ -193,3 +193,22 @@ def test_bad_job_or_working_dir_fails_before_contacting_the_cluster(fake_client,
     with pytest.raises(ConfigError, match="jobs/label.py"):
         submit_job("label", "http://127.0.0.1:8265", [], working_dir=tmp_path)
     assert fake_client.instances == []
+
+
+def test_forward_credentials_warns_that_ray_keeps_them(monkeypatch, caplog, capsys):
+    """Hole 8: the keys land in the job's runtime_env (stored by Ray, shown in its dashboard): --help, the log and
+    cluster/README.md say so and point to the cluster's own credentials."""
+    from artfuse.cli import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
+    build_runtime_env("/src/artfuse")
+    assert "dashboard" not in caplog.text
+    build_runtime_env("/src/artfuse", forward_credentials=True)
+    assert "runtime_env" in caplog.text and "dashboard" in caplog.text and "IRSA" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["submit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--forward-credentials puts this shell's AWS keys into the job's runtime_env" in help_text
+    assert "IRSA" in help_text and "instance profile" in help_text
+    readme = " ".join((Path(__file__).parents[1] / "cluster" / "README.md").read_text().split())
+    assert "Do not use `artfuse submit --forward-credentials` on a shared cluster" in readme

@@ -77,6 +77,11 @@ def build_runtime_env(
     """The job's runtime_env: the project source as working_dir, and the storage settings of this shell."""
     names = FORWARDED_ENV + (CREDENTIAL_ENV if forward_credentials else ())
     env_vars = {name: os.environ[name] for name in names if os.environ.get(name)}
+    if forward_credentials and any(name in env_vars for name in CREDENTIAL_ENV):
+        log.warning(
+            "--forward-credentials: this shell's AWS keys go into the job's runtime_env, which Ray stores with the "
+            "job and shows in its dashboard; give the cluster its own credentials instead (IRSA, instance profile)"
+        )
     env_vars.update(env or {})
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(RUNTIME_ENV_EXCLUDES)}
     if env_vars:

@@ -120,6 +120,60 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
             fs.rm_file(partial)
 
 
+def create_new(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write `data` to `uri` only if nothing is there (atomically: O_EXCL locally, a conditional PUT on S3);
+    raises FileExistsError otherwise. What locks are made of."""
+    fs, path = resolve(uri, storage)
+    if uri.startswith(S3_PREFIX):
+        fs.pipe_file(path, data, mode="create")  # PutObject If-None-Match: * (S3 and moto answer 412 when present)
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def read_versioned(uri: str, storage: StorageConfig | None = None) -> tuple[bytes, str]:
+    """`uri`'s content and a version (S3 ETag; inode and mtime locally) for `replace_if_unchanged`."""
+    fs, path = resolve(uri, storage)
+    if uri.startswith(S3_PREFIX):
+        with fs.open(path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw: content and version agree
+            return f.read(), f.details["ETag"]
+    with open(path, "rb") as f:
+        found = os.fstat(f.fileno())
+        return f.read(), f"{found.st_ino}-{found.st_mtime_ns}"
+
+
+def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageConfig | None = None) -> None:
+    """Replace `uri` with `data` only if it is still at `version` (`read_versioned`); raises FileExistsError if
+    it changed or went. On S3 a PutObject If-Match; locally the old file is renamed away (atomic), checked, and
+    the new one created with O_EXCL, so that a concurrent `create_new` or replacement cannot be overwritten."""
+    fs, path = resolve(uri, storage)
+    if uri.startswith(S3_PREFIX):
+        try:
+            fs.pipe_file(path, data, IfMatch=version)
+        except (FileNotFoundError, OSError) as e:
+            raise FileExistsError(f"{uri} changed since it was read") from e
+        return
+    moved = f"{path}.{uuid.uuid4().hex}.replaced"
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError as e:
+        raise FileExistsError(f"{uri} went since it was read") from e
+    found = os.stat(moved)
+    if f"{found.st_ino}-{found.st_mtime_ns}" != version:  # not the file we read: put it back untouched
+        os.link(moved, path)
+        os.unlink(moved)
+        raise FileExistsError(f"{uri} changed since it was read")
+    os.unlink(moved)
+    create_new(uri, data, storage)
+
+
+def remove(uri: str, storage: StorageConfig | None = None) -> None:
+    fs, path = resolve(uri, storage)
+    fs.rm_file(path)
+
+
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     fs, path = resolve(uri, storage)
     return fs.exists(path)

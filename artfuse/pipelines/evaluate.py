@@ -7,6 +7,7 @@ scored, split exactly as in training; any other collection is scored whole.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ import ray
 
 from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError, DataConfig
-from artfuse.data import corrections
+from artfuse.data import corrections, storage
 from artfuse.data.catalog import Collection, load_collection
 from artfuse.models.package import read_manifest
 from artfuse.pipelines.label import prediction_dataset
@@ -80,11 +81,12 @@ def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | P
         summary["unknown_labels"] = int((~known).sum())  # labels the model was never taught
         metrics["tasks"][task] = summary
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        out = str(out_dir)
+        storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode(), cfg.storage)
         for task, summary in metrics["tasks"].items():
-            plot_confusion(summary, task, out / f"confusion_{task}.png")
+            png = io.BytesIO()
+            plot_confusion(summary, task, png)
+            storage.write_bytes(storage.join(out, f"confusion_{task}.png"), png.getvalue(), cfg.storage)
     return metrics
 
 

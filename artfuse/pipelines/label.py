@@ -33,7 +33,7 @@ from artfuse.data.catalog import list_inputs
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
-from artfuse.pipelines.label_output import KEY, filename_provider, is_own_file, labelled_inputs
+from artfuse.pipelines.label_output import KEY, filename_provider, is_own_file, labelled_inputs, output_lock
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -263,13 +263,26 @@ def actor_runtime_env(cfg: LabelConfig) -> dict | None:
 
 def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
     """Label what is new under `input_uri` into `out_uri`; returns (and writes) the run report."""
-    started = time.time()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    read_manifest(model_uri, cfg.storage)  # a bad --model fails here, before any work
+    with output_lock(out_uri, cfg.storage, run_id, cfg.label.break_lock) as taken_over:
+        report = label_locked(model_uri, input_uri, out_uri, cfg, run_id)
+    if taken_over:
+        report["lock_taken_over_from"] = taken_over
+    return report
+
+
+def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_id: str) -> dict:
+    """`label`'s work, for the run that holds the output's lock."""
+    started = time.time()
     labelled_at = datetime.now(UTC)
     run_date = cfg.label.run_date or f"{labelled_at:%Y-%m-%d}"
-    read_manifest(model_uri, cfg.storage)  # a bad --model fails here, before any work
-
     listed = list_inputs(input_uri, cfg.storage)
+    if not listed.num_rows:
+        raise ConfigError(
+            f"--input {input_uri} lists nothing to label (an empty folder or prefix, or a file that is not a "
+            ".csv/.parquet manifest): check that the input has not moved"
+        )
     output = labelled_inputs(out_uri, cfg.storage, run_id)
     done = output.done
     todo = listed.join(done, keys=KEY, join_type="left anti") if done.num_rows else listed

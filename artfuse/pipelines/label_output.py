@@ -9,13 +9,23 @@ reads the output back:
 - any other file (not ours and not predictions) is left alone and reported as foreign;
 - a read that fails (permission, network, throttling) fails the run naming the file: it may be transient, and
   a job must not guess that rows it cannot see are gone.
+
+One run at a time per output: `output_lock` creates `<out>/_lock.json` atomically on the output's own storage
+and a second run fails naming it and its holder. A lock left by a dead run is taken over only by a run told that
+run's id (`label.break_lock`), with a compare-and-swap, so that two such runs cannot both win.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +41,12 @@ EMPTY_KEYS = pa.table(
     {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64())}
 )
 SET_ASIDE = "_set_aside"  # where torn files go, one folder per run that moved them
+LOCK = "_lock.json"
 OWN_FILE = re.compile(r"^artfuse-(?P<run_id>\d{8}T\d{6}-[0-9a-f]{8})_.+\.parquet$")
+
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output's lock."""
 
 
 class OutputUnreadable(RuntimeError):
@@ -107,3 +122,37 @@ def _set_aside(fs, out_uri: str, root: str, path: str, run_id: str, error: Excep
 def _uri(out_uri: str, root: str, path: str) -> str:
     """`path` (as the filesystem names it) as a URI of the same kind as `out_uri`."""
     return storage.join(out_uri, path[len(root) :])
+
+
+@contextmanager
+def output_lock(
+    out_uri: str, storage_config: StorageConfig | None, run_id: str, break_lock: str = ""
+) -> Iterator[dict]:
+    """Hold `<out>/_lock.json` while the block runs; yields the lock taken over from a dead run ({} if none)."""
+    uri = storage.join(out_uri, LOCK)
+    mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": f"{datetime.now(UTC):%FT%TZ}"}
+    data = json.dumps(mine).encode()
+    taken_over: dict = {}
+    try:
+        storage.create_new(uri, data, storage_config)
+    except FileExistsError:
+        held, version = storage.read_versioned(uri, storage_config)
+        holder = json.loads(held)
+        if not break_lock or holder.get("run_id") != break_lock:
+            raise OutputLocked(
+                f"{out_uri} is being labelled by run {holder.get('run_id')} (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}, since {holder.get('since')}): its lock is {uri}. If that run is dead, rerun "
+                f"with --set label.break_lock={holder.get('run_id')}"
+            ) from None
+        try:
+            storage.replace_if_unchanged(uri, data, version, storage_config)
+        except FileExistsError:
+            raise OutputLocked(f"another run took over the lock {uri} first: not labelling {out_uri}") from None
+        log.warning("took over the lock %s from run %s (told it is dead)", uri, break_lock)
+        taken_over = holder
+    try:
+        yield taken_over
+    finally:
+        still, _ = storage.read_versioned(uri, storage_config)
+        if json.loads(still).get("run_id") == run_id:  # a lock someone took over is theirs now
+            storage.remove(uri, storage_config)

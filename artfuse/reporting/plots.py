@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -25,7 +26,7 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(summary: dict, title: str, path: str | Path) -> None:
+def plot_confusion(summary: dict, title: str, path: str | Path | BinaryIO) -> None:
     confusion = np.asarray(summary["confusion"])
     labels = summary["labels"]
     size = max(4, 0.6 * len(labels) + 2)

@@ -56,6 +56,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from artfuse.pipelines.evaluate import calibrate
+
+    _print(calibrate(args.model, args.data, _config(args)))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from artfuse.reporting.report import write_report
+
+    _print(write_report(args.predictions, args.out, _config(args), run_id=args.run))
+
+
 def cmd_ablate(args: argparse.Namespace) -> None:
     from artfuse.pipelines.ablate import ablate, to_markdown
 
@@ -66,7 +78,15 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_label(args: argparse.Namespace) -> None:
     from artfuse.pipelines.label import label
 
-    _print(label(args.model, args.input, args.out, _config(args)))
+    cfg = _config(args)
+    report = label(args.model, args.input, args.out, cfg)
+    if args.report:
+        from artfuse.data import storage
+        from artfuse.reporting.report import write_report
+
+        page = storage.join(args.out, "_reports", f"{report['run_id']}.html")
+        report["report_page"] = write_report(args.out, page, cfg, run_id=report["run_id"])["page"]
+    _print(report)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -200,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
 
     p = command(
+        "calibrate",
+        cmd_calibrate,
+        "fit each task's temperature and review threshold for a package and store them in it (for packages "
+        "trained before calibration, or on fresh labelled data)",
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="model package folder (its artfuse.json is updated)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="URI",
+        help="labelled collection (the training collection: its validation split is used)",
+    )
+    _with_config(p)
+
+    p = command(
         "ablate", cmd_ablate, "fusion vs cnn_only vs transformer_only on one collection: same split, budget and seed"
     )
     p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
@@ -210,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
     p.add_argument("--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)")
+    p.add_argument(
+        "--report", action="store_true", help="then write the run's HTML report to <out>/_reports/<run_id>.html"
+    )
+    _with_config(p)
+
+    p = command(
+        "report",
+        cmd_report,
+        "one self-contained HTML page on a labelling run: counts, errors, label shift, scores, review queue, "
+        "duplicates",
+    )
+    p.add_argument("--predictions", required=True, metavar="URI", help="the label job's output root (its --out)")
+    p.add_argument(
+        "--run", metavar="RUN_ID", help="the run to report on (default: the latest in <predictions>/_reports)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="URI",
+        help="the .html to write (local path, file:// or s3://): outside the predictions, or in their _reports/",
+    )
     _with_config(p)
 
     p = command(

@@ -104,7 +104,10 @@ class LabelConfig:
     # bench: model 163 vs about 91 img/s), slower on others. GPU actors always run bf16.
     cpu_bf16: bool = False
     topk: int = 3  # labels per task in <task>_topk
-    review_threshold: float = 0.5  # needs_review when a task's top score is below this
+    # needs_review when a task's top score is below this: auto = the package's threshold per task (fitted on the
+    # validation split to reach target_accuracy; 0.5 for a package without one), or one number for every task
+    review_threshold: float | str = "auto"
+    target_accuracy: float = 0.95  # training fits each task's review threshold so accepted predictions reach this
     embeddings: bool = False  # write the fused embedding (float16) per row
     run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
     break_lock: str = ""  # run id of a dead run whose lock on --out this run may take over (README: Guarantees)
@@ -253,6 +256,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"label.actor_memory_mb must be 0 or more; got {cfg.label.actor_memory_mb}")
     if cfg.label.run_date and not _is_date(cfg.label.run_date):
         raise ConfigError(f"label.run_date must be a date, YYYY-MM-DD (it names a folder); got {cfg.label.run_date!r}")
+    threshold = cfg.label.review_threshold
+    if threshold != "auto" and not (isinstance(threshold, float) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"label.review_threshold must be auto or a number between 0 and 1; got {threshold!r}")
+    if not 0.0 < cfg.label.target_accuracy <= 1.0:
+        raise ConfigError(f"label.target_accuracy must be above 0 and at most 1; got {cfg.label.target_accuracy}")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
 
@@ -265,7 +273,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             value = [value]
         return [_coerce(v, item_type, f"{name}[]") for v in value]
     if origin in (types.UnionType, typing.Union):
-        return value
+        expected = []
+        for member in typing.get_args(hint):  # the first member type that takes the value
+            try:
+                return _coerce(value, member, name)
+            except ConfigError as e:  # "<name> expects a number, got ..."
+                expected.append(str(e).partition(" expects ")[2].rpartition(", got ")[0])
+        raise ConfigError(f"{name} expects {' or '.join(expected)}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value

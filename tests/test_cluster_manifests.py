@@ -139,6 +139,7 @@ def test_nightly_schedule_labels_once_a_day_and_cleans_up():
     assert minute.isdigit() and hour.isdigit() and every == ["*", "*", "*"]
     template = cron["spec"]["jobTemplate"]
     assert shlex.split(template["entrypoint"])[1] == "jobs/label.py"
+    assert "--report" in shlex.split(template["entrypoint"])  # the curators' page for each night
     assert template["shutdownAfterJobFinishes"] is True
 
 

@@ -28,6 +28,16 @@ def test_demo_end_to_end(tmp_path, ray_local):
     manifest = json.loads((tmp_path / "model" / "artfuse.json").read_text())
     assert manifest["model_id"] and manifest["tasks"]["label"] == metrics["tasks"]["label"]["labels"]
     assert (tmp_path / "model" / "curves.png").exists()
+    # calibrated at the end of training, and evaluate reports how far the scores can be trusted
+    fitted = manifest["calibration"]["tasks"]["label"]
+    task = metrics["tasks"]["label"]
+    assert task["temperature"] == fitted["temperature"] > 0
+    assert 0 <= task["ece"] <= 1 and 0 <= task["ece_uncalibrated"] <= 1
+    assert [p["threshold"] for p in task["risk_coverage"]][:2] == [0.0, 0.05]
+    assert task["risk_coverage"][0]["coverage"] == 1
+    assert task["auto_accept"]["threshold"] == fitted["review_threshold"]
+    for plot in ("reliability_label.png", "risk_coverage_label.png"):
+        assert (tmp_path / "evaluation" / plot).stat().st_size > 0
 
     rows = pads.dataset(
         tmp_path / "predictions", format="parquet", partitioning="hive", ignore_prefixes=["_", "."]

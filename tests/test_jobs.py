@@ -48,4 +48,4 @@ def test_nightly_labelling_uses_gpu_actors_and_writes_embeddings():
     label = load_config(JOBS_DIR / "configs" / "nightly-label.yaml").label
     assert label.num_gpus_per_actor >= 1 and label.gpu_decode
     assert label.max_actors > 1 and label.batch_size >= 128
-    assert 0 < label.review_threshold < 1 and label.embeddings
+    assert label.review_threshold == "auto" and label.embeddings

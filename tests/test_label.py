@@ -77,13 +77,14 @@ def test_prediction_rows_topk_review_errors_and_embeddings():
     }
     probs = np.array([[0.1, 0.7, 0.2], [0.4, 0.35, 0.25]], dtype=np.float32)  # rows a and c
     embedding = np.arange(8, dtype=np.float16).reshape(2, 4)
-    cfg = LabelConfig(topk=2, review_threshold=0.5, embeddings=True)
+    cfg = LabelConfig(topk=2, embeddings=True)
     at = datetime(2026, 1, 2, tzinfo=UTC)
     table = prediction_rows(
         batch,
         {"style": probs, "embedding": embedding},
         tasks={"style": ["x", "y", "z"]},
         cfg=cfg,
+        review_thresholds={"style": 0.5},
         model_id="m",
         run_id="r",
         labelled_at=at,
@@ -236,8 +237,11 @@ def test_every_input_gets_one_row_and_reruns_label_only_new_objects(package, tmp
     for r in good:
         assert len(r["label_topk"]) == 2 and r["label_topk"][0] == {"label": r["label"], "score": r["label_score"]}
         assert r["label_topk"][0]["score"] >= r["label_topk"][1]["score"]
-        assert r["needs_review"] == (r["label_score"] < cfg.label.review_threshold)
+        # an untrained package has no fitted threshold: `auto` falls back to 0.5
+        assert r["needs_review"] == (r["label_score"] < 0.5) and first["review"]["thresholds"] == {"label": 0.5}
         assert len(r["sha256"]) == 64 and r["width"] > 0
+    assert first["review"]["rows"] == sum(r["needs_review"] for r in rows.to_pylist())
+    assert first["review"]["by_task"]["label"] == sum(r["label_score"] < 0.5 for r in good)
     report = json.loads((out / "_reports" / f"{first['run_id']}.json").read_text())
     assert report == first and report["img_s"] > 0
 

@@ -1,8 +1,9 @@
 """The model package: `model.safetensors` + `artfuse.json` in a folder at any URI. Loading never unpickles.
 
 `artfuse.json` holds everything needed to rebuild and run the model (architecture config, tasks and their
-label vocabularies, preprocessing), where it came from (training data fingerprint, metrics, versions) and a
-content hash used as `model_id`.
+label vocabularies, preprocessing, and `calibration`: per task a temperature and a review threshold, see
+models/calibration.py), where it came from (training data fingerprint, metrics, versions) and a content hash
+of the weights and of everything that changes a prediction, used as `model_id`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def save_package(
     *,
     training: dict | None = None,
     metrics: dict | None = None,
+    calibration: dict | None = None,
     storage_config=None,
 ) -> str:
     """Write the package to `uri`; returns its model_id."""
@@ -69,9 +71,9 @@ def save_package(
         "tasks": {task: list(labels) for task, labels in tasks.items()},
         "preprocess": preprocess.to_dict(),
     }
-    digest = hashlib.sha256(weights)
-    digest.update(json.dumps(described, sort_keys=True).encode())
-    model_id = digest.hexdigest()[:16]
+    if calibration:
+        described["calibration"] = calibration
+    model_id = content_id(weights, described)
     manifest = {
         "format": FORMAT,
         "model_id": model_id,
@@ -85,6 +87,22 @@ def save_package(
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, storage_config)
     storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode(), storage_config)
     return model_id
+
+
+def content_id(weights: bytes, described: dict) -> str:
+    digest = hashlib.sha256(weights)
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def set_calibration(uri: str, calibration: dict, storage_config=None) -> str:
+    """Store `calibration` in the package at `uri` (weights untouched); returns its new model_id."""
+    manifest = read_manifest(uri, storage_config)
+    manifest["calibration"] = calibration
+    described = {key: manifest[key] for key in ("architecture", "tasks", "preprocess", "calibration")}
+    manifest["model_id"] = content_id(storage.read_bytes(storage.join(uri, WEIGHTS), storage_config), described)
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode(), storage_config)
+    return manifest["model_id"]
 
 
 def read_manifest(uri: str, storage_config=None) -> dict:

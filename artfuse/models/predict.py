@@ -1,5 +1,7 @@
 """Batched inference with a model package: uint8 images in, per-task probabilities (and embeddings) out.
 
+The probabilities are calibrated: each task's logits are divided by the package's temperature for that task.
+
 Used by the labelling actors, `evaluate` and `bench`, so all three run the model the same way.
 """
 
@@ -13,6 +15,7 @@ import sys
 import numpy as np
 import torch
 
+from artfuse.models.calibration import temperatures
 from artfuse.models.package import Package
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class Predictor:
         self.model = model
         self._forward = torch.compile(self._features_and_logits) if compile else self._features_and_logits
         self.tasks = package.tasks
+        self.temperatures = temperatures(package.meta)
 
     def _features_and_logits(self, x: torch.Tensor):
         features = self.model.forward_features(x)
@@ -108,7 +112,10 @@ class Predictor:
         x = self.package.preprocess.to_tensor(images, self.device)
         with self._autocast():
             features, logits = self._forward(x)
-        out = {task: torch.softmax(logits[task].float(), dim=1).cpu().numpy() for task in self.tasks}
+        out = {
+            task: torch.softmax(logits[task].float() / self.temperatures[task], dim=1).cpu().numpy()
+            for task in self.tasks
+        }
         if embeddings:
             out["embedding"] = features.to(torch.float16).cpu().numpy()
         return out

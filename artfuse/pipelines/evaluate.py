@@ -1,4 +1,7 @@
-"""Evaluate a model package on a labelled collection: metrics.json (DESIGN.md's contract) and confusion PNGs.
+"""Evaluate a model package on a labelled collection: metrics.json (DESIGN.md's contract), confusion PNGs, and
+how far its scores can be trusted: ECE before and after the package's temperature, a reliability diagram and a
+risk-coverage curve per task, and what the review threshold lets through. `artfuse calibrate` fits that
+temperature and threshold on the same data.
 
 When the collection is the one the package was trained on (same fingerprint), only its validation split is
 scored, split exactly as in training; any other collection is scored whole.
@@ -10,6 +13,7 @@ import dataclasses
 import io
 import json
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,15 +25,42 @@ from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError, DataConfig
 from artfuse.data import corrections, storage
 from artfuse.data.catalog import Collection, load_collection
-from artfuse.models.package import read_manifest
+from artfuse.models.calibration import (
+    fit_calibration,
+    logits_from_probabilities,
+    review_thresholds,
+    softmax,
+    temperatures,
+)
+from artfuse.models.package import read_manifest, set_calibration
 from artfuse.pipelines.label import prediction_dataset
+from artfuse.reporting.calibration import (
+    RISK_COVERAGE_THRESHOLDS,
+    accepted_accuracy,
+    expected_calibration_error,
+    reliability,
+    risk_coverage,
+)
 from artfuse.reporting.metrics import confusion_matrix, summarize
-from artfuse.reporting.plots import plot_confusion
+from artfuse.reporting.plots import plot_confusion, plot_reliability, plot_risk_coverage
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | Path | None = None) -> dict:
+@dataclass
+class Scored:
+    """A package's predictions on a labelled collection, per task over the rows that decoded."""
+
+    manifest: dict
+    split: str  # "val" (the training run's validation split), "all" or "corrections" (the decisions alone)
+    errors: int  # rows that could not be labelled
+    truth: dict[str, np.ndarray]  # class index, -1 for a label the model was never taught
+    probabilities: dict[str, np.ndarray]  # (n, n_labels) as the package predicts them (calibrated)
+
+
+def score(model_uri: str, data_uri: str | None, cfg: Config) -> Scored:
+    """Run the package over the collection (the training run's validation split when it is the same one) with the
+    labelling pipeline, keeping every label's probability."""
     manifest = read_manifest(model_uri, cfg.storage)
     vocabs: dict[str, list[str]] = manifest["tasks"]
     training = manifest.get("training", {})
@@ -58,36 +89,101 @@ def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | P
     )
 
     ensure_ray()
-    ds = prediction_dataset(truth, model_uri, cfg, run_id="evaluate", labelled_at=datetime.now(UTC))
-    predicted = pa.concat_tables(ray.get(ds.select_columns(["uri", *vocabs, "error"]).to_arrow_refs()))
-    predicted = predicted.rename_columns(["uri", *(f"predicted_{t}" for t in vocabs), "error"])
-    joined = truth.select(["uri", *vocabs]).join(predicted, keys="uri")
-    ok = np.array([e is None for e in joined["error"].to_pylist()], dtype=bool)
-
-    metrics: dict = {
-        "n": int(ok.sum()),
-        "split": "val" if held_out else "all" if data_uri else "corrections",
-        "errors": int((~ok).sum()),
-        "tasks": {},
-    }
+    # top-k over every label: the rows then carry each task's whole probability vector
+    every_label = dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, topk=max(map(len, vocabs.values()))))
+    ds = prediction_dataset(truth, model_uri, every_label, run_id="evaluate", labelled_at=datetime.now(UTC))
+    topk = [f"{t}_topk" for t in vocabs]
+    predicted = pa.concat_tables(ray.get(ds.select_columns(["uri", *topk, "error"]).to_arrow_refs()))
+    by_uri = {row["uri"]: row for row in predicted.to_pylist()}
+    rows = [by_uri[uri] for uri in truth["uri"].to_pylist()]
+    ok = np.array([row["error"] is None for row in rows], dtype=bool)
+    split = "val" if held_out else "all" if data_uri else "corrections"
+    scored = Scored(manifest | {"tasks": vocabs}, split, int((~ok).sum()), {}, {})
     for task, vocab in vocabs.items():
         index = {label: i for i, label in enumerate(vocab)}
-        y_true = [index.get(v, -1) for v in np.asarray(joined[task].to_pylist(), dtype=object)[ok]]
-        y_pred = [index[v] for v in np.asarray(joined[f"predicted_{task}"].to_pylist(), dtype=object)[ok]]
-        known = np.array(y_true) >= 0
-        summary = summarize(
-            confusion_matrix(np.array(y_true)[known], np.array(y_pred)[known], len(vocab)), vocab
-        )
+        labels = np.asarray(truth[task].to_pylist(), object)[ok]
+        scored.truth[task] = np.array([index.get(label, -1) for label in labels], np.int64)
+        probabilities = np.zeros((len(labels), len(vocab)), np.float64)
+        for i, row in enumerate(r for r, good in zip(rows, ok, strict=True) if good):
+            for entry in row[f"{task}_topk"]:
+                probabilities[i, index[entry["label"]]] = entry["score"]
+        scored.probabilities[task] = probabilities
+    return scored
+
+
+def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | Path | None = None) -> dict:
+    scored = score(model_uri, data_uri, cfg)
+    vocabs: dict[str, list[str]] = scored.manifest["tasks"]
+    temperature = temperatures(scored.manifest)
+    thresholds = review_thresholds(scored.manifest, cfg.label)
+    metrics: dict = {
+        "n": len(next(iter(scored.truth.values()))),
+        "split": scored.split,
+        "errors": scored.errors,
+        "tasks": {},
+    }
+    curves = {}
+    for task, vocab in vocabs.items():
+        y_true, probabilities = scored.truth[task], scored.probabilities[task]
+        y_pred = probabilities.argmax(1)
+        known = y_true >= 0
+        summary = summarize(confusion_matrix(y_true[known], y_pred[known], len(vocab)), vocab)
         summary["unknown_labels"] = int((~known).sum())  # labels the model was never taught
+        # calibration is judged on the taught labels: an unknown one is wrong whatever the score says
+        correct, confidence = y_pred[known] == y_true[known], probabilities[known].max(1)
+        raw = softmax(logits_from_probabilities(probabilities[known], temperature[task])).max(1)
+        curves[task] = {
+            "calibrated": reliability(confidence, correct),
+            "uncalibrated": reliability(raw, correct),
+            "risk_coverage": risk_coverage(confidence, correct),
+        }
+        summary |= {
+            "temperature": temperature[task],
+            "ece": expected_calibration_error(confidence, correct),
+            "ece_uncalibrated": expected_calibration_error(raw, correct),
+            "risk_coverage": risk_coverage(confidence, correct, RISK_COVERAGE_THRESHOLDS),
+            # what label.review_threshold lets through here; an unreachable target (inf) accepts nothing
+            "auto_accept": accepted_accuracy(confidence, correct, thresholds[task])
+            | {"threshold": thresholds[task] if np.isfinite(thresholds[task]) else None},
+        }
         metrics["tasks"][task] = summary
     if out_dir:
         out = str(out_dir)
         storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode(), cfg.storage)
         for task, summary in metrics["tasks"].items():
-            png = io.BytesIO()
-            plot_confusion(summary, task, png)
-            storage.write_bytes(storage.join(out, f"confusion_{task}.png"), png.getvalue(), cfg.storage)
+            plots = {
+                f"confusion_{task}.png": (plot_confusion, summary, task),
+                f"reliability_{task}.png": (plot_reliability, curves[task], summary, task),
+                f"risk_coverage_{task}.png": (
+                    plot_risk_coverage,
+                    curves[task]["risk_coverage"],
+                    summary["auto_accept"],
+                    task,
+                ),
+            }
+            for name, (plot, *args) in plots.items():
+                png = io.BytesIO()
+                plot(*args, png)
+                storage.write_bytes(storage.join(out, name), png.getvalue(), cfg.storage)
     return metrics
+
+
+def calibrate(model_uri: str, data_uri: str, cfg: Config) -> dict:
+    """Fit each task's temperature and review threshold (at label.target_accuracy) for the package at `model_uri`
+    on a labelled collection (its training run's validation split when it is that one), and store them in it.
+
+    For packages trained before calibration existed, or to recalibrate on fresh labelled data."""
+    scored = score(model_uri, data_uri, cfg)
+    temperature = temperatures(scored.manifest)
+    logits, labels = {}, {}
+    for task in scored.manifest["tasks"]:
+        known = scored.truth[task] >= 0
+        logits[task] = logits_from_probabilities(scored.probabilities[task][known], temperature[task])
+        labels[task] = scored.truth[task][known]
+    fitted_on = {"val": "validation split", "all": data_uri, "corrections": cfg.data.corrections}[scored.split]
+    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on=fitted_on)
+    model_id = set_calibration(model_uri, calibration, cfg.storage)
+    return {"package": model_uri, "model_id": model_id, **calibration}
 
 
 def truth_collection(data_uri: str | None, data_cfg: DataConfig, tasks: list[str], cfg: Config) -> Collection:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -31,6 +32,7 @@ from artfuse.config import Config, ConfigError, LabelConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.preprocess import Preprocess
+from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 from artfuse.pipelines.label_output import KEY, filename_provider, is_own_file, labelled_inputs, output_lock
@@ -71,11 +73,13 @@ def prediction_rows(
     *,
     tasks: dict[str, list[str]],
     cfg: LabelConfig,
+    review_thresholds: dict[str, float],
     model_id: str,
     run_id: str,
     labelled_at: datetime,
 ) -> pa.Table:
-    """The one place a prediction row is built. `outputs` holds the model's outputs for the rows without error."""
+    """The one place a prediction row is built. `outputs` holds the model's outputs for the rows without error;
+    a row needs review when it failed or any task's score is below that task's threshold."""
     n = len(batch["uri"])
     ok = stages.decoded_ok(batch["error"])
     where = np.flatnonzero(ok)
@@ -97,7 +101,7 @@ def prediction_rows(
             label[i] = vocab[order[row, 0]]
             score[i] = float(probs[row, order[row, 0]])
             topk[i] = [{"label": vocab[j], "score": float(probs[row, j])} for j in order[row]]
-            confident[i] &= score[i] >= cfg.review_threshold
+            confident[i] &= score[i] >= review_thresholds[task]
         columns.update({task: label, f"{task}_score": score, f"{task}_topk": topk})
     # An input nobody could label needs a person as much as an unsure prediction does.
     columns["needs_review"] = ~ok | ~confident
@@ -134,7 +138,12 @@ class LabelModel:
         self.threads = (cfg.torch_threads or available_cpus()) if device.type == "cpu" else 0
         self.predictor = Predictor(package, device, cpu_bf16=cfg.cpu_bf16)
         self.row_args = dict(
-            tasks=package.tasks, cfg=cfg, model_id=package.model_id, run_id=run_id, labelled_at=labelled_at
+            tasks=package.tasks,
+            cfg=cfg,
+            review_thresholds=review_thresholds(package.meta, cfg),
+            model_id=package.model_id,
+            run_id=run_id,
+            labelled_at=labelled_at,
         )
         self.embeddings = cfg.embeddings
         self.gpu_decode = gpu_decode
@@ -277,6 +286,7 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
     started = time.time()
     labelled_at = datetime.now(UTC)
     run_date = cfg.label.run_date or f"{labelled_at:%Y-%m-%d}"
+    thresholds = review_thresholds(read_manifest(model_uri, cfg.storage), cfg.label)
     listed = list_inputs(input_uri, cfg.storage)
     if not listed.num_rows:
         raise ConfigError(
@@ -295,7 +305,7 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         todo.num_rows,
     )
 
-    counts = {"labelled": 0, "errors": 0}
+    counts = {"labelled": 0, "errors": 0, "review": {"rows": 0, "by_task": dict.fromkeys(thresholds, 0)}}
     labelling_s = verify_s = 0.0
     if todo.num_rows:
         ensure_ray()
@@ -312,7 +322,7 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         labelling_s = time.time() - pipeline_started
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data stats:\n%s", ds.stats())
-        counts = run_counts(partition, run_id, todo, cfg.storage)
+        counts = run_counts(partition, run_id, todo, cfg.storage, thresholds)
         verify_s = time.time() - pipeline_started - labelling_s
     elapsed = time.time() - started
     report = {
@@ -328,6 +338,8 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         "duplicates_ignored": int((listed.schema.metadata or {}).get(b"duplicates", 0)),
         "set_aside": output.set_aside,
         "foreign_files": output.foreign,
+        # needs_review rows (failed ones included), per task the predictions below its threshold (None: every one)
+        "review": counts["review"] | {"thresholds": {t: v if v < math.inf else None for t, v in thresholds.items()}},
         "img_s": round(todo.num_rows / labelling_s, 2) if labelling_s else 0.0,  # start-up included
         "durations_s": {
             "listing": round(listed_s, 2),
@@ -344,14 +356,23 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
     return report
 
 
-def run_counts(partition_uri: str, run_id: str, todo: pa.Table, storage_config: StorageConfig | None) -> dict:
-    """Labelled and error rows this run wrote; raises unless they are exactly one row per input in `todo`."""
+def run_counts(
+    partition_uri: str,
+    run_id: str,
+    todo: pa.Table,
+    storage_config: StorageConfig | None,
+    thresholds: dict[str, float],
+) -> dict:
+    """Labelled and error rows this run wrote, and `review_counts`; raises unless they are exactly one row per input
+    in `todo`."""
     fs, root = storage.arrow_filesystem(partition_uri, storage_config)
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     mine = [f.path for f in found if f.type == pafs.FileType.File and is_own_file(f.path, run_id)]
     if not mine:
         raise RuntimeError(f"labelling lost every row: {todo.num_rows} inputs to label, no file written under {root}")
-    written = pads.dataset(mine, filesystem=fs, format="parquet").to_table(columns=["uri", "etag", "size", "error"])
+    written = pads.dataset(mine, filesystem=fs, format="parquet").to_table(
+        columns=["uri", "etag", "size", "error", "needs_review", *(f"{task}_score" for task in thresholds)]
+    )
     distinct = written.group_by(KEY).aggregate([])
     missing = todo.join(distinct, keys=KEY, join_type="left anti").num_rows
     if written.num_rows != todo.num_rows or distinct.num_rows != written.num_rows or missing:
@@ -360,7 +381,18 @@ def run_counts(partition_uri: str, run_id: str, todo: pa.Table, storage_config: 
             f"({distinct.num_rows} distinct, {missing} inputs without a row) under {partition_uri}"
         )
     labelled = written["error"].null_count
-    return {"labelled": labelled, "errors": written.num_rows - labelled}
+    return {"labelled": labelled, "errors": written.num_rows - labelled, "review": review_counts(written, thresholds)}
+
+
+def review_counts(written: pa.Table, thresholds: dict[str, float]) -> dict:
+    """Rows that need review, and per task how many predictions scored below its threshold."""
+    return {
+        "rows": pc.sum(written["needs_review"]).as_py() or 0,
+        "by_task": {
+            task: pc.sum(pc.less(written[f"{task}_score"], threshold)).as_py() or 0
+            for task, threshold in thresholds.items()
+        },
+    }
 
 
 def read_output(fs, root: str, columns: list[str], where: pc.Expression | None = None) -> pa.Table:

@@ -4,7 +4,8 @@ The driver builds the Ray Datasets (decoded once, materialised; augmented by a R
 and a `TorchTrainer`; `train_loop` runs on every worker and reads top to bottom: restore, then per epoch
 set the learning rate, forward/backward, clip, step, validate, checkpoint. Checkpoints go to
 `<out>/_train/`; rerunning with the same `--out` resumes from the latest one, and the best epoch
-(validation macro-F1) becomes the package at `<out>`.
+(validation macro-F1) becomes the package at `<out>`, with a temperature and review threshold per task
+fitted on the validation split (models/calibration.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from artfuse.data import corrections, stages, storage
 from artfuse.data.catalog import Collection, load_collection
 from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
+from artfuse.models.calibration import dataset_logits, fit_calibration
 from artfuse.models.package import save_package
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
@@ -193,6 +195,9 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
 
     model = create_model(cfg.model, {t: len(v) for t, v in inputs.vocabs.items()}, load_pretrained=False)
     model.load_state_dict(packaged_weights(best))
+    columns = {task: label_column(task) for task in inputs.vocabs}
+    logits, labels = dataset_logits(model, inputs.val, inputs.preprocess, columns, cfg.train.batch_size)
+    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on="validation split")
     model_id = save_package(
         out_uri,
         model,
@@ -211,6 +216,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
             train_config=to_dict(cfg.train),
         ),
         metrics=best["val"],
+        calibration=calibration,
         storage_config=cfg.storage,
     )
     storage.write_bytes(storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage)

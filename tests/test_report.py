@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pytest
 
 from artfuse.cli import main
@@ -15,7 +16,7 @@ from artfuse.config import load_config
 from artfuse.data import storage
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
-from artfuse.pipelines.label import label, read_output
+from artfuse.pipelines.label import label
 from artfuse.reporting import report
 
 pytestmark = pytest.mark.slow
@@ -70,8 +71,7 @@ def nights(tmp_path_factory, ray_local) -> dict:
 
 
 def parquet_counts(out: Path, run_id: str) -> dict:
-    fs, root = storage.arrow_filesystem(str(out))
-    rows = read_output(fs, root, ["uri", "error", "needs_review"], pc.field("run_id") == run_id)
+    rows = pads.dataset(sorted(out.rglob(f"artfuse-{run_id}_*.parquet")), format="parquet").to_table()
     failed = rows["error"].null_count
     return {
         "labelled": failed,

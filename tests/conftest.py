@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings"
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; .ci/run installs it
+# Headless, no sandbox (containers), nothing that reaches the network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 # Tests only: local clusters started by the tests skip Ray's token auth (cluster configs keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -71,3 +82,15 @@ def paintings() -> Path:
     if not path.is_dir():
         pytest.skip(f"the real painting sets are absent ({path})")
     return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by Playwright; skips the test where either is absent."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

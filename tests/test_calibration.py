@@ -14,6 +14,9 @@ from artfuse.models.calibration import (
     softmax,
     temperatures,
 )
+from artfuse.models.package import load_package, set_calibration
+from artfuse.models.predict import Predictor
+from artfuse.pipelines.bench import save_untrained_package
 from artfuse.reporting.calibration import expected_calibration_error, lowest_threshold, reliability, risk_coverage
 
 
@@ -90,3 +93,18 @@ def test_review_threshold_config_takes_auto_or_a_number():
             load_config(overrides=[f"label.review_threshold={bad}"])
     with pytest.raises(ConfigError, match="target_accuracy"):
         load_config(overrides=["label.target_accuracy=0"])
+
+
+def test_a_calibrated_package_rescales_every_prediction_and_keeps_the_labels(tmp_path):
+    tiny = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
+    uri = save_untrained_package(str(tmp_path / "model"), load_config(None, tiny), {"label": 6})
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    old = load_package(uri)  # as trained before calibration: temperature 1, the fallback threshold
+    before = Predictor(old)(images)["label"]
+    fitted = {"tasks": {"label": {"temperature": 0.25, "review_threshold": 0.4}}}
+    assert set_calibration(uri, fitted) != old.model_id  # the scores change, so does the id
+    new = load_package(uri)
+    after = Predictor(new)(images)["label"]
+    assert (after.argmax(1) == before.argmax(1)).all()
+    assert after == pytest.approx(softmax(np.log(before) / 0.25), abs=1e-5)
+    assert review_thresholds(new.meta, LabelConfig()) == {"label": 0.4}

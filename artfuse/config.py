@@ -47,6 +47,10 @@ class StorageConfig:
     endpoint_url: str = ""  # S3 endpoint; empty means AWS_ENDPOINT_URL or AWS itself
     region: str = ""  # S3 region; empty means the standard AWS chain
     anon: bool = False  # anonymous S3 access (public buckets)
+    http_timeout_s: float = 30.0  # HTTP(S) reads (IIIF): seconds to connect, and between bytes of an answer
+    http_retries: int = 3  # retries of a failed HTTP(S) request (connection errors, 429, 5xx), with backoff
+    http_backoff_s: float = 0.5  # first retry's wait; each further one doubles it (a Retry-After header wins)
+    http_max_per_server: int = 4  # concurrent HTTP(S) requests to one server, per process (museum servers are small)
 
 
 @dataclass
@@ -263,6 +267,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"label.target_accuracy must be above 0 and at most 1; got {cfg.label.target_accuracy}")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
+    st = cfg.storage
+    if st.http_timeout_s <= 0 or st.http_retries < 0 or st.http_backoff_s < 0 or st.http_max_per_server < 1:
+        raise ConfigError(
+            "storage.http_timeout_s must be above 0, storage.http_retries and storage.http_backoff_s at least 0, "
+            "storage.http_max_per_server at least 1"
+        )
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:

@@ -5,6 +5,10 @@ A collection is a folder with one sub-folder per label (one task, `label`) or a 
 URIs. Sizes and etags come from one listing of the root, never a request per object. The split is
 stratified on the first task and decided per image by a seeded hash of its path below the root, so it is
 deterministic and the same for a local copy and an S3 copy of a collection.
+
+A manifest row may name a IIIF manifest instead of a path (`iiif_manifest` column): each of its canvases'
+images becomes a row with that row's labels, fetched at the size the model decodes (artfuse.data.iiif). The
+object's images share its split key, so the views of one object stay together in train or val.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from artfuse.config import ConfigError, DataConfig, StorageConfig
+from artfuse.data import iiif
 from artfuse.data import storage as st
 from artfuse.data.images import IMAGE_SUFFIXES
 
@@ -29,8 +34,11 @@ logger = logging.getLogger(__name__)
 FOLDER_TASK = "label"
 SPLITS = ("train", "val")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+IIIF_COLUMN = "iiif_manifest"  # a manifest column naming a IIIF manifest per row, instead of a path
 # manifest columns that describe the object, not a label of it
-RESERVED_COLUMNS = frozenset("path uri split size etag mtime format width height sha256 md5 error id".split())
+RESERVED_COLUMNS = frozenset(
+    f"path uri split size etag mtime format width height sha256 md5 error id {IIIF_COLUMN}".split()
+)
 # what a labelling job skips in an input folder: everything else gets a row, decodable or not
 NON_IMAGE_SUFFIXES = (
     ".csv", ".tsv", ".parquet", ".pq", ".json", ".jsonl", ".txt", ".md", ".rst", ".yaml", ".yml",
@@ -61,14 +69,19 @@ class Collection:
         return self.table.filter(pc.equal(self.table.column("split"), split))
 
 
-def load_collection(uri: str, data: DataConfig, storage: StorageConfig | None = None) -> Collection:
-    """Load a folder-per-label tree or a CSV/Parquet manifest as a split, labelled collection."""
+def load_collection(
+    uri: str, data: DataConfig, storage: StorageConfig | None = None, *, image_size: int | None = None
+) -> Collection:
+    """Load a folder-per-label tree or a CSV/Parquet manifest as a split, labelled collection; IIIF images are
+    requested with `image_size` as their shorter side (None: full size)."""
+    split_keys: dict[str, str] = {}
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
-        manifest = _read_manifest(uri, storage)
+        manifest, canvases = _with_iiif_canvases(_read_manifest(uri, storage), root, uri, storage, image_size)
         tasks = _select_tasks(manifest.column_names, data.tasks, uri)
         uris = _manifest_uris(manifest, root, uri)
-        sizes, etags = _sizes_and_etags(uris, root, uri, storage)
+        sizes, etags = _sizes_and_etags(uris, root, uri, storage, known=canvases)
+        split_keys = {image: obj for image, (_, _, obj) in canvases.items()}
         labels = {task: _labels(manifest, task, uris, uri) for task in tasks}
         given_split = _given_split(manifest, uris, uri) if "split" in manifest.column_names else None
     else:
@@ -90,7 +103,7 @@ def load_collection(uri: str, data: DataConfig, storage: StorageConfig | None = 
     duplicate, count = Counter(uris).most_common(1)[0] if uris else ("", 0)
     if count > 1:
         raise ConfigError(f"{uri} lists {duplicate} more than once: each image may appear once")
-    keys = [_key_below(root, u) for u in uris]
+    keys = [split_keys.get(u) or _key_below(root, u) for u in uris]
     split = given_split or _stratified_split(keys, labels[tasks[0]], tasks[0], data)
     table = pa.table(
         {
@@ -105,18 +118,20 @@ def load_collection(uri: str, data: DataConfig, storage: StorageConfig | None = 
     return Collection(root=root, table=table, tasks=tasks, vocabs=vocabs)
 
 
-def list_inputs(uri: str, storage: StorageConfig | None = None) -> pa.Table:
+def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: int | None = None) -> pa.Table:
     """(uri, size, etag) of every input to label: a manifest's paths, or every file under a folder except
     hidden ones and obvious non-images (.csv, .json, .txt, ...); a `.jpg` that is really garbage is kept,
-    so the labelling job can give it an error row.
+    so the labelling job can give it an error row. A IIIF manifest or collection lists each canvas's image,
+    requested with `image_size` as its shorter side, plus its object (`iiif.OBJECT_COLUMNS`).
 
     A manifest's path listed twice is one input (the table's metadata `duplicates` counts the extra rows); a
     path whose object does not exist is kept with size 0 and an empty etag, so it gets its error row."""
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
-        listed = _manifest_uris(_read_manifest(uri, storage), root, uri)
+        manifest, canvases = _with_iiif_canvases(_read_manifest(uri, storage), root, uri, storage, image_size)
+        listed = _manifest_uris(manifest, root, uri)
         uris = sorted(set(listed))
-        known = _listing_of(uris, root, storage)
+        known = _listing_of(uris, root, storage, canvases)
         missing = [u for u in uris if u not in known]
         if missing:
             logger.warning("%d path(s) in %s not found, e.g. %s: each gets an error row", len(missing), uri, missing[0])
@@ -131,6 +146,8 @@ def list_inputs(uri: str, storage: StorageConfig | None = None) -> pa.Table:
             }
         )
         return table.replace_schema_metadata({"duplicates": str(duplicates)})
+    if iiif.is_presentation(uri):
+        return iiif.list_canvases(uri, storage, image_size=image_size)
     root = st.canonical_uri(uri)
     listing = st.list_objects(uri, storage)
     keep = [
@@ -182,12 +199,44 @@ def _read_manifest(uri: str, storage: StorageConfig | None) -> pa.Table:
             table = pa.table({name: pc.cast(table.column(name), pa.string()) for name in table.column_names})
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise ConfigError(f"manifest {uri} cannot be read: {e}") from None
-    if "path" not in table.column_names:
+    if "path" not in table.column_names and IIIF_COLUMN not in table.column_names:
         raise ConfigError(
             f"manifest {uri} has no 'path' column (columns: {', '.join(table.column_names)}): "
-            "add one with each image's path relative to the manifest or its URI"
+            f"add one with each image's path relative to the manifest or its URI (or an '{IIIF_COLUMN}' column)"
         )
     return table
+
+
+def _with_iiif_canvases(
+    manifest: pa.Table, root: str, manifest_uri: str, storage: StorageConfig | None, image_size: int | None
+) -> tuple[pa.Table, dict[str, tuple[int, str, str]]]:
+    """Rows naming a IIIF manifest become one row per canvas image (its Image API request as `path`); returns
+    them with {image uri: (size, etag, the object's manifest URI)}."""
+    if IIIF_COLUMN not in manifest.column_names:
+        return manifest, {}
+    n = manifest.num_rows
+    paths = manifest.column("path").to_pylist() if "path" in manifest.column_names else [None] * n
+    taken, new_paths, canvases = [], [], {}
+    for row, (path, obj) in enumerate(zip(paths, manifest.column(IIIF_COLUMN).to_pylist(), strict=True)):
+        if bool(path) == bool(obj):
+            raise ConfigError(
+                f"row {row + 1} of {manifest_uri} needs exactly one of 'path' and '{IIIF_COLUMN}' (has "
+                f"{'both' if path else 'neither'})"
+            )
+        if path:
+            taken.append(row)
+            new_paths.append(path)
+            continue
+        obj = obj if "://" in obj or obj.startswith("/") else st.join(root, obj)
+        listed = iiif.list_canvases(obj, storage, image_size=image_size)
+        for image, etag in zip(listed.column("uri").to_pylist(), listed.column("etag").to_pylist(), strict=True):
+            taken.append(row)
+            new_paths.append(image)
+            canvases[image] = (0, etag, obj)
+    expanded = manifest.take(pa.array(taken, pa.int64()))
+    if "path" in expanded.column_names:
+        expanded = expanded.drop_columns(["path"])
+    return expanded.append_column("path", pa.array(new_paths, pa.string())), canvases
 
 
 def _select_tasks(columns: list[str], wanted: list[str], manifest_uri: str) -> list[str]:
@@ -227,10 +276,11 @@ def _manifest_uris(manifest: pa.Table, root: str, manifest_uri: str) -> list[str
 
 
 def _sizes_and_etags(
-    uris: list[str], root: str, manifest_uri: str, storage: StorageConfig | None
+    uris: list[str], root: str, manifest_uri: str, storage: StorageConfig | None, known: dict | None = None
 ) -> tuple[list[int], list[str]]:
-    """Size and etag of each manifest object; every one must exist."""
-    known = _listing_of(uris, root, storage)
+    """Size and etag of each manifest object; every one must exist. `known` holds those that need no listing
+    (IIIF images), {uri: (size, etag, ...)}."""
+    known = _listing_of(uris, root, storage, known)
     missing = [u for u in uris if u not in known]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -238,9 +288,14 @@ def _sizes_and_etags(
     return [known[u][0] for u in uris], [known[u][1] for u in uris]
 
 
-def _listing_of(uris: list[str], root: str, storage: StorageConfig | None) -> dict[str, tuple[int, str]]:
-    """uri -> (size, etag) from one listing of the root (plus one per folder outside it); absent objects left out."""
-    known = _listing_by_uri(root, storage)
+def _listing_of(
+    uris: list[str], root: str, storage: StorageConfig | None, known: dict | None = None
+) -> dict[str, tuple[int, str]]:
+    """uri -> (size, etag) from one listing of the root (plus one per folder outside it); absent objects left out.
+    Where `known` already holds every uri, nothing is listed."""
+    known = {u: (size, etag) for u, (size, etag, *_) in (known or {}).items()}
+    if any(u not in known for u in uris):
+        known.update(_listing_by_uri(root, storage))
     outside_folders = {posixpath.dirname(u) for u in uris if u not in known and not u.startswith(root + "/")}
     for folder in sorted(outside_folders):
         try:
@@ -278,7 +333,8 @@ def _given_split(manifest: pa.Table, uris: list[str], manifest_uri: str) -> list
 
 
 def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataConfig) -> list[str]:
-    """Per label, the val_fraction of images with the lowest seeded hash of their key go to val."""
+    """Per label, the val_fraction of images with the lowest seeded hash of their key go to val. Images sharing a
+    key (one IIIF object's views) go together: whole keys are taken until val holds its share, never all."""
     rows_by_label: dict[str, list[int]] = defaultdict(list)
     for row, label in enumerate(labels):
         rows_by_label[label].append(row)
@@ -291,7 +347,14 @@ def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataC
             )
         n_val = min(len(rows) - 1, max(1, round(len(rows) * data.val_fraction)))
         ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{data.seed}\0{keys[row]}".encode()).digest())
-        for row in ranked[:n_val]:
+        chosen: list[int] = []
+        for row in ranked:  # a key's rows are adjacent: they share its hash
+            if len(chosen) >= n_val and keys[row] != keys[chosen[-1]]:
+                break
+            chosen.append(row)
+        if len(chosen) == len(rows):  # one object's views would take the whole label: it stays in train
+            chosen = [row for row in chosen if keys[row] != keys[chosen[-1]]]
+        for row in chosen:
             split[row] = "val"
     return split
 

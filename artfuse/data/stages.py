@@ -22,7 +22,7 @@ import ray.data
 from PIL import ExifTags, Image
 
 from artfuse.config import StorageConfig
-from artfuse.data import images, storage
+from artfuse.data import http, images, storage
 from artfuse.data.images import Decoded, decode_image
 
 if TYPE_CHECKING:
@@ -48,9 +48,15 @@ def _read(
     if size > max_bytes:
         return None, f"too_large: {size} bytes, above data.max_bytes={max_bytes}"
     try:
-        data = storage.read_bytes(uri, storage_config)
-    except FileNotFoundError:
+        data = storage.read_bytes(uri, storage_config, max_bytes=max_bytes)
+    except FileNotFoundError as e:
+        if http.is_http(uri):
+            return None, f"missing: {e}"
         return None, "missing: no such object (deleted since it was listed, or never there)"
+    except http.TooLarge as e:
+        return None, f"too_large: {e}"
+    except http.HTTPFailure as e:
+        return None, f"unreadable: {e}"
     except Exception as e:  # noqa: BLE001 - any read failure becomes this row's error, never the job's
         return None, f"unreadable: {type(e).__name__}: {e}"
     return data, None

@@ -1,5 +1,7 @@
 """URI -> filesystem: local paths, file:// and s3://, the one place artfuse touches storage.
 
+http(s):// URIs (IIIF manifests and images) can be read, through artfuse.data.http, not listed or written.
+
 S3 goes through s3fs (and pyarrow's S3FileSystem where Ray wants an Arrow filesystem). The endpoint comes
 from the config or AWS_ENDPOINT_URL(_S3); region and credentials come from the standard AWS chain and are
 never logged. Filesystem instances are cached by fsspec itself, per process, so Ray workers build their own.
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from artfuse.config import ConfigError, StorageConfig
+from artfuse.data import http
 
 S3_PREFIX = "s3://"
 FILE_PREFIX = "file://"
@@ -26,6 +29,8 @@ def canonical_uri(uri: str) -> str:
     """The form `list_objects` reports: "s3://bucket/key", or an absolute local path (file:// dropped)."""
     if uri.startswith(S3_PREFIX):
         return S3_PREFIX + _s3_path(uri)
+    if http.is_http(uri):
+        return uri
     return _local_path(uri)
 
 
@@ -99,7 +104,11 @@ def list_objects(
     )
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+def read_bytes(uri: str, storage: StorageConfig | None = None, *, max_bytes: int | None = None) -> bytes:
+    """The object's bytes; `max_bytes` bounds what an HTTP(S) answer may bring (other objects are listed with
+    their size, which the caller checks before reading)."""
+    if http.is_http(uri):
+        return http.get(uri, storage, max_bytes=max_bytes).body
     fs, path = resolve(uri, storage)
     return fs.cat_file(path)
 
@@ -207,7 +216,8 @@ def _local_path(uri: str) -> str:
     elif "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise ConfigError(
-            f"unsupported URI scheme '{scheme}://' in {uri}: use a local path, file:// or s3://"
+            f"unsupported URI scheme '{scheme}://' in {uri}: use a local path, file:// or s3:// "
+            "(http(s):// only for reading IIIF manifests and images)"
         )
     return os.path.abspath(os.path.expanduser(uri))
 

@@ -25,6 +25,7 @@ from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError, DataConfig
 from artfuse.data import corrections, storage
 from artfuse.data.catalog import Collection, load_collection
+from artfuse.data.preprocess import Preprocess
 from artfuse.models.calibration import (
     fit_calibration,
     logits_from_probabilities,
@@ -72,7 +73,8 @@ def score(model_uri: str, data_uri: str | None, cfg: Config) -> Scored:
         seed=trained_split.get("seed", cfg.data.seed),
         val_fraction=trained_split.get("val_fraction", cfg.data.val_fraction),
     )
-    collection = truth_collection(data_uri, data_cfg, list(vocabs), cfg)
+    decode_size = Preprocess.from_dict(manifest["preprocess"]).resize  # IIIF images are fetched at this size
+    collection = truth_collection(data_uri, data_cfg, list(vocabs), cfg, image_size=decode_size)
     if not data_uri:  # the hard cases alone: the tasks a reviewer decided
         vocabs = {task: vocabs[task] for task in collection.tasks}
     missing = [t for t in vocabs if t not in collection.tasks]
@@ -186,7 +188,9 @@ def calibrate(model_uri: str, data_uri: str, cfg: Config) -> dict:
     return {"package": model_uri, "model_id": model_id, **calibration}
 
 
-def truth_collection(data_uri: str | None, data_cfg: DataConfig, tasks: list[str], cfg: Config) -> Collection:
+def truth_collection(
+    data_uri: str | None, data_cfg: DataConfig, tasks: list[str], cfg: Config, *, image_size: int | None = None
+) -> Collection:
     """What to score against: a collection (with a corrections dataset's decisions applied, as training applies
     them), or with no collection the objects of the corrections dataset alone."""
     if not data_uri:
@@ -195,7 +199,7 @@ def truth_collection(data_uri: str | None, data_cfg: DataConfig, tasks: list[str
                 "evaluate needs a labelled collection (--data), a corrections dataset (--corrections), or both"
             )
         return corrections.as_collection(cfg.data.corrections, tasks, cfg.storage)
-    collection = load_collection(data_uri, data_cfg, cfg.storage)
+    collection = load_collection(data_uri, data_cfg, cfg.storage, image_size=image_size)
     if cfg.data.corrections:
         collection, _ = corrections.apply(collection, cfg.data.corrections, cfg.storage)
     return collection

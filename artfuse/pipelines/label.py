@@ -31,6 +31,7 @@ from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError, LabelConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import list_inputs
+from artfuse.data.iiif import OBJECT_COLUMNS
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
@@ -53,6 +54,7 @@ def prediction_schema(tasks: dict[str, list[str]], embedding_dim: int | None) ->
         ("height", pa.int32()),
         ("format", pa.string()),
     ]
+    fields += [(name, pa.string()) for name in OBJECT_COLUMNS]  # null unless the input says (IIIF)
     for task in tasks:
         fields += [(task, pa.string()), (f"{task}_score", pa.float32()), (f"{task}_topk", TOPK_TYPE)]
     fields.append(("needs_review", pa.bool_()))
@@ -89,8 +91,9 @@ def prediction_rows(
         "sha256",
         "format",
         "error",
+        *OBJECT_COLUMNS,
     ):  # optional text; all-null columns come back from Arrow as NaN
-        columns[key] = [v if isinstance(v, str) else None for v in batch[key]]
+        columns[key] = [v if isinstance(v, str) else None for v in batch.get(key, [None] * n)]
     confident = np.ones(n, dtype=bool)
     for task, vocab in tasks.items():
         probs = outputs.get(task, np.zeros((0, len(vocab)), np.float32))
@@ -229,7 +232,8 @@ def prediction_dataset(
         read_kwargs["niceness"] = lc.decode_niceness
     if gpu_decode:
         read_kwargs["gpu_max_pixels"] = lc.gpu_decode_max_pixels
-    ds = stages.dataset_from_table(table.select(["uri", "size", "etag"]), lc.decode_batch_size)
+    carried = ["uri", "size", "etag", *(name for name in OBJECT_COLUMNS if name in table.column_names)]
+    ds = stages.dataset_from_table(table.select(carried), lc.decode_batch_size)
     ds = ds.map_batches(
         stages.read_for_gpu_decode if gpu_decode else stages.read_and_decode,
         fn_kwargs=read_kwargs,
@@ -286,8 +290,10 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
     started = time.time()
     labelled_at = datetime.now(UTC)
     run_date = cfg.label.run_date or f"{labelled_at:%Y-%m-%d}"
-    thresholds = review_thresholds(read_manifest(model_uri, cfg.storage), cfg.label)
-    listed = list_inputs(input_uri, cfg.storage)
+    package = read_manifest(model_uri, cfg.storage)
+    thresholds = review_thresholds(package, cfg.label)
+    decode_size = Preprocess.from_dict(package["preprocess"]).resize
+    listed = list_inputs(input_uri, cfg.storage, image_size=decode_size)  # IIIF: fetched at the model's size
     if not listed.num_rows:
         raise ConfigError(
             f"--input {input_uri} lists nothing to label (an empty folder or prefix, or a file that is not a "

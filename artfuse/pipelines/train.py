@@ -109,12 +109,12 @@ class TrainInputs:
 
 
 def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
-    collection = load_collection(data_uri, cfg.data, cfg.storage)
+    preprocess = preprocess_for(cfg)
+    collection = load_collection(data_uri, cfg.data, cfg.storage, image_size=preprocess.resize)  # IIIF: at this size
     learned = None
     if cfg.data.corrections:
         collection, learned = corrections.apply(collection, cfg.data.corrections, cfg.storage)
     vocabs = {task: collection.vocabs[task] for task in collection.tasks}
-    preprocess = preprocess_for(cfg)
     train_table = with_label_indices(collection.subset("train"), vocabs)
     val_table = with_label_indices(collection.subset("val"), vocabs)
     log.info("training on %d images, validating on %d, tasks %s", train_table.num_rows, val_table.num_rows, vocabs)

@@ -17,8 +17,8 @@ The formats are read here rather than with a library: iiif-prezi3 (the IIIF comm
 Pillow <= 12 and validates strictly, so one off-spec field in a museum's manifest would fail a whole night's
 listing; piffle's v3 classes log a warning for each embedded resource without its own @context (all of them, in
 a valid manifest) and leave annotation bodies as plain dicts, adding nothing over the JSON. An Image API request
-is one format string; piffle's URL builder knows neither v3's `max` from v2's `full` nor the service ids that
-embed the identifier.
+is one format string once info.json has given the version and size; piffle's URL builder would first need each
+service id split into endpoint and identifier to produce the same string.
 """
 
 from __future__ import annotations

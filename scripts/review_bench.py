@@ -45,7 +45,7 @@ def write_predictions(images: Path, out: Path, dim: int = 192) -> int:
     for i in range(inputs.num_rows):  # hard links share bytes, so they share a sha256
         path = inputs["uri"][i].as_py()
         digests[path] = f"{int(Path(path).name.split('.')[0]) % 64:064x}"
-    cfg = LabelConfig(embeddings=True, review_threshold=0.6)
+    cfg = LabelConfig(embeddings=True)
     out.mkdir(parents=True)
     for start in range(0, inputs.num_rows, CHUNK):
         part = inputs.slice(start, CHUNK)
@@ -66,8 +66,8 @@ def write_predictions(images: Path, out: Path, dim: int = 192) -> int:
             "embedding": rng.standard_normal((n, dim)).astype(np.float16),
         }
         table = prediction_rows(
-            batch, outputs, tasks={"label": VOCAB}, cfg=cfg, model_id="bench", run_id="bench-run",
-            labelled_at=datetime.now(UTC),
+            batch, outputs, tasks={"label": VOCAB}, cfg=cfg, review_thresholds={"label": 0.6}, model_id="bench",
+            run_id="bench-run", labelled_at=datetime.now(UTC),
         )  # fmt: skip
         pq.write_table(table, out / f"part-{start // CHUNK:04d}.parquet")
     return inputs.num_rows

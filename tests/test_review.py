@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -231,3 +232,33 @@ def test_review_queue_rejects_unknown_tasks(samples, tmp_path):
     assert isinstance(queue, ReviewQueue) and queue.tasks == ["style"]
     with pytest.raises(ConfigError, match="unknown task"):
         queue.page("artist")
+
+
+def test_review_on_s3_images_predictions_and_corrections(samples, tmp_path, s3_bucket):
+    """Images, predictions and the corrections dataset all in a bucket (the local S3 server)."""
+    import boto3
+
+    client = boto3.client("s3")
+    for path in samples.rglob("*.jpg"):
+        client.upload_file(str(path), s3_bucket, f"images/{path.relative_to(samples)}")
+    rows = write_predictions(tmp_path / "pred", samples)
+    prefix = str(samples) + "/"
+    table = pq.read_table(next((tmp_path / "pred").rglob("*.parquet")))
+    on_s3 = [u.replace(prefix, f"s3://{s3_bucket}/images/") for u in table["uri"].to_pylist()]
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(on_s3, pa.string()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    client.put_object(Bucket=s3_bucket, Key="pred/run_date=2026-12-01/p.parquet", Body=sink.getvalue().to_pybytes())
+
+    cfg = load_config()
+    queue, neighbours = open_review(f"s3://{s3_bucket}/pred", f"s3://{s3_bucket}/corrections", cfg)
+    item = queue.page("style", limit=1)["items"][0]
+    assert item["uri"].startswith(f"s3://{s3_bucket}/images/") and len(rows) == queue.table.num_rows
+    client_app = create_app(queue, cfg, neighbours=neighbours).test_client()
+    image = client_app.get("/image", query_string={"uri": item["uri"]})
+    assert image.status_code == 200 and image.data[:2] == b"\xff\xd8"
+    answer = client_app.post("/api/decide", json={"uri": item["uri"], "task": "style", "label": "d", "reviewer": "s3"})
+    assert answer.status_code == 200
+    assert client_app.post("/api/decide", json={"uri": item["uri"]}).status_code == 400
+    saved = corrections.read(f"s3://{s3_bucket}/corrections").to_pylist()
+    assert [(d["uri"], d["label"], d["reviewer"]) for d in saved] == [(item["uri"], "d", "s3")]

@@ -101,10 +101,11 @@ def create_app(
     def decide():
         if not request.is_json:
             abort(415, "decisions are JSON")
-        body = request.get_json()
-        decision = queue.decide(
-            str(body["uri"]), str(body["task"]), str(body["label"]), str(body.get("reviewer") or "")
-        )
+        body = request.get_json(silent=True) or {}
+        missing = [key for key in ("uri", "task", "label") if not isinstance(body.get(key), str)]
+        if missing:
+            raise ConfigError(f"a decision needs {', '.join(missing)}")
+        decision = queue.decide(body["uri"], body["task"], body["label"], str(body.get("reviewer") or ""))
         return jsonify(uri=decision["uri"], task=decision["task"], label=decision["label"])
 
     @app.get("/api/similar")

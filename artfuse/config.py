@@ -51,6 +51,9 @@ class StorageConfig:
     http_retries: int = 3  # retries of a failed HTTP(S) request (connection errors, 429, 5xx), with backoff
     http_backoff_s: float = 0.5  # first retry's wait; each further one doubles it (a Retry-After header wins)
     http_max_per_server: int = 4  # concurrent HTTP(S) requests to one server, per process (museum servers are small)
+    # How long a read waits out an endpoint that does not answer (retrying) before the job fails naming it; a
+    # job never turns an outage into per-object error rows.
+    patience_s: float = 60.0
 
 
 @dataclass

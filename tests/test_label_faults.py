@@ -1,4 +1,5 @@
-"""The labelling job under failure: a driver killed mid-run, a node lost mid-job. Nothing lost, nothing twice."""
+"""The labelling job under failure: a driver killed mid-run, a node lost mid-job, the model actor killed, the S3
+endpoint gone for a while. Nothing lost, nothing twice."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import pytest
 import ray
 
 from artfuse.config import load_config
+from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
-from artfuse.pipelines.label import label
+from artfuse.pipelines.label import label, read_output
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +92,8 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
 
     report = label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS]))
-    assert not torn.exists(), "the torn file must be removed, its inputs labelled again"
+    assert not torn.exists(), "the torn file must be set aside, its inputs labelled again"
+    assert str(torn) in [moved["file"] for moved in report["set_aside"]]
     assert (report["listed"], report["skipped"]) == (240, kept_rows)
     assert report["labelled"] + report["errors"] == 240 - kept_rows
     assert_one_row_per_input(out, collection)
@@ -153,3 +156,111 @@ def label_losing_a_node(model: str, collection: str, out: str) -> None:
 
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def flaky_s3(s3_server):
+    """A second local S3 endpoint that a test can take away and bring back on the same port. Both endpoints
+    serve moto's one in-process store, so the objects survive the outage, and the session's endpoint (which
+    stays up) can watch the bucket meanwhile."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    servers = [server]
+
+    def outage(seconds: float) -> None:
+        servers[-1].stop()
+        time.sleep(seconds)
+        servers.append(ThreadedMotoServer(ip_address=host, port=port, verbose=False))
+        servers[-1].start()
+
+    yield f"http://{host}:{port}", outage
+    servers[-1].stop()
+
+
+def test_s3_endpoint_gone_for_ten_seconds_mid_run(tmp_path, s3_server, s3_bucket, flaky_s3, ray_local):
+    """The endpoint goes away for 10 s once the first predictions are written: the run rides it out or fails
+    naming the endpoint, and a rerun ends with every input labelled once (an outage is never an error row)."""
+    import boto3
+
+    endpoint, outage = flaky_s3
+    collection, out, model = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/labels", tmp_path / "model"
+    generate_samples(collection, n=64, size_range=SMALL)
+    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
+    cfg = load_config(None, [*TINY, *SMALL_STEPS, f"storage.endpoint_url={endpoint}"])
+
+    went: dict = {}
+
+    def first_files_then_outage() -> None:
+        watch = boto3.client("s3", endpoint_url=s3_server)  # the endpoint that stays up
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            listed = watch.list_objects_v2(Bucket=s3_bucket, Prefix="labels/run_date=").get("Contents", [])
+            if any(item["Key"].endswith(".parquet") for item in listed):
+                went["at"] = time.time()
+                outage(10)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=first_files_then_outage)
+    watcher.start()
+    try:
+        first = label(str(model), collection, out, cfg)
+    except Exception as e:  # noqa: BLE001 - allowed, if it names the endpoint
+        assert endpoint in str(e), f"the failure does not name {endpoint}: {e}"
+        first = None
+    finally:
+        ended = time.time()
+        watcher.join()
+    assert went and went["at"] < ended, "the endpoint did not go away while the job ran"
+    rerun = label(str(model), collection, out, cfg)
+    fs, root = storage.arrow_filesystem(out)
+    rows = read_output(fs, root, ["uri", "etag", "error"])
+    listed = list_inputs(collection)
+    assert sorted(rows["uri"].to_pylist()) == sorted(listed["uri"].to_pylist()), "an input lost or repeated"
+    assert rows["error"].null_count == rows.num_rows, "an outage became an error row"
+    if first:  # it rode the outage out
+        assert (first["labelled"], rerun["labelled"]) == (listed.num_rows, 0)
+
+
+def test_model_actor_killed_mid_run_every_row_once(tmp_path, ray_local):
+    """The model actor's process is killed once predictions start landing: Ray Data restarts it and retries its
+    batches; the run ends with every row exactly once."""
+    import psutil  # shipped with Ray
+
+    collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
+    generate_samples(str(collection), n=96, size_range=SMALL)
+    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["report"] = label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            result["failed"] = f"{type(e).__name__}: {e}"
+
+    job = threading.Thread(target=run)
+    job.start()
+    while not complete_files(out) and job.is_alive():
+        time.sleep(0.05)
+    rows_before_kill = sum(pq.read_metadata(p).num_rows for p in complete_files(out))
+    # Our own Ray's processes only (the machine may run other Ray clusters): the actor's title names its class.
+    actors = [p for p in psutil.Process().children(recursive=True) if "MapBatches(LabelModel)" in " ".join(_cmdline(p))]
+    assert len(actors) == 1, "expected one model actor"
+    actors[0].kill()
+    job.join()
+    assert "failed" not in result, result.get("failed")
+    assert rows_before_kill < 96, "the actor was killed after the job had finished"
+    assert (result["report"]["labelled"], result["report"]["errors"]) == (96, 0)
+    assert_one_row_per_input(out, collection)
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone meanwhile
+        return []

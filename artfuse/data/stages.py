@@ -57,6 +57,8 @@ def _read(
         return None, f"too_large: {e}"
     except http.HTTPFailure as e:
         return None, f"unreadable: {e}"
+    except storage.StorageUnavailable:
+        raise  # an outage is the job's failure, never this object's error row (a rerun labels it)
     except Exception as e:  # noqa: BLE001 - any read failure becomes this row's error, never the job's
         return None, f"unreadable: {type(e).__name__}: {e}"
     return data, None

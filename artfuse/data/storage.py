@@ -9,11 +9,16 @@ never logged. Filesystem instances are cached by fsspec itself, per process, so 
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
+import botocore.exceptions
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -21,8 +26,16 @@ import pyarrow.fs as pafs
 from artfuse.config import ConfigError, StorageConfig
 from artfuse.data import http
 
+log = logging.getLogger(__name__)
 S3_PREFIX = "s3://"
 FILE_PREFIX = "file://"
+# An endpoint that does not answer (refused, reset, timed out), as opposed to an answer about the object.
+UNREACHABLE = (ConnectionError, TimeoutError, botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+T = TypeVar("T")
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage endpoint did not answer for `storage.patience_s`."""
 
 
 def canonical_uri(uri: str) -> str:
@@ -110,14 +123,34 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, *, max_bytes: int
     if http.is_http(uri):
         return http.get(uri, storage, max_bytes=max_bytes).body
     fs, path = resolve(uri, storage)
-    return fs.cat_file(path)
+    return patiently(lambda: fs.cat_file(path), uri, storage)
+
+
+def patiently(call: Callable[[], T], uri: str, storage: StorageConfig | None) -> T:
+    """`call()`, retried while the endpoint does not answer, for up to `storage.patience_s`; then
+    StorageUnavailable naming the endpoint. Answers (not found, access denied) are not retried."""
+    cfg = storage or StorageConfig()
+    deadline, delay = time.monotonic() + cfg.patience_s, 0.5
+    while True:
+        try:
+            return call()
+        except UNREACHABLE as e:
+            if time.monotonic() + delay > deadline:
+                where = (_endpoint_url(cfg) or "AWS S3") if uri.startswith(S3_PREFIX) else "local storage"
+                raise StorageUnavailable(
+                    f"{where} did not answer for {cfg.patience_s:g} s (storage.patience_s) reading {uri}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            log.warning("%s did not answer (%s); retrying in %.1f s", uri, type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Write `data` to `uri`, creating parent folders; never leaves a half-written object behind."""
     fs, path = resolve(uri, storage)
     if uri.startswith(S3_PREFIX):
-        fs.pipe_file(path, data)  # an S3 PUT is atomic already
+        patiently(lambda: fs.pipe_file(path, data), uri, storage)  # an S3 PUT is atomic already (and repeatable)
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     partial = f"{path}.{uuid.uuid4().hex}.partial"
@@ -146,8 +179,12 @@ def read_versioned(uri: str, storage: StorageConfig | None = None) -> tuple[byte
     """`uri`'s content and a version (S3 ETag; inode and mtime locally) for `replace_if_unchanged`."""
     fs, path = resolve(uri, storage)
     if uri.startswith(S3_PREFIX):
-        with fs.open(path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw: content and version agree
-            return f.read(), f.details["ETag"]
+
+        def read() -> tuple[bytes, str]:
+            with fs.open(path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw: content and version agree
+                return f.read(), f.details["ETag"]
+
+        return patiently(read, uri, storage)
     with open(path, "rb") as f:
         found = os.fstat(f.fileno())
         return f.read(), f"{found.st_ino}-{found.st_mtime_ns}"
@@ -180,7 +217,7 @@ def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageCo
 
 def remove(uri: str, storage: StorageConfig | None = None) -> None:
     fs, path = resolve(uri, storage)
-    fs.rm_file(path)
+    patiently(lambda: fs.rm_file(path), uri, storage)
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:

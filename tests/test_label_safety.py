@@ -6,6 +6,7 @@ Each test names the promise it backs (README, Guarantees). Tiny images and an un
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -193,10 +194,13 @@ def test_an_input_that_lists_nothing_fails_naming_it(package, tmp_path):
     """Hole 7: an empty folder, or a file that is no manifest, fails loudly (exit 2). A night with nothing new
     stays a success: test_label.py::test_every_input_gets_one_row_and_reruns_label_only_new_objects."""
     (tmp_path / "empty").mkdir()
-    (tmp_path / "inputs.json").write_text('["a.jpg"]')
-    for input_uri in (str(tmp_path / "empty"), str(tmp_path / "inputs.json")):
-        with pytest.raises(ConfigError, match=f"--input {input_uri} lists nothing to label"):
-            label(package, input_uri, str(tmp_path / "out"), load_config(None, TINY))
+    (tmp_path / "inputs.txt").write_text("a.jpg\n")
+    (tmp_path / "inputs.json").write_text('["a.jpg"]')  # read as IIIF, which refuses it by name
+    for input_uri in (tmp_path / "empty", tmp_path / "inputs.txt", tmp_path / "inputs.json"):
+        with pytest.raises(ConfigError, match=re.escape(str(input_uri))):
+            label(package, str(input_uri), str(tmp_path / "out"), load_config(None, TINY))
+    with pytest.raises(ConfigError, match="lists nothing to label"):
+        label(package, str(tmp_path / "empty"), str(tmp_path / "out"), load_config(None, TINY))
     assert not (tmp_path / "out" / LOCK).exists()
 
 

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from artfuse.config import Config, ConfigError, load_config
+from artfuse.config import CHOICES, Config, ConfigError, load_config
 
 log = logging.getLogger("artfuse")
 
@@ -71,8 +71,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from artfuse.pipelines.ablate import ablate, to_markdown
 
-    cfg = _config(args)
-    print(to_markdown(ablate(args.data, args.out, cfg), args.data, cfg))
+    print(to_markdown(ablate(args.data, args.out, _config(args), tuple(args.archs), args.seeds)))
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -235,10 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
 
     p = command(
-        "ablate", cmd_ablate, "fusion vs cnn_only vs transformer_only on one collection: same split, budget and seed"
+        "ablate",
+        cmd_ablate,
+        "fusion vs cnn_only vs transformer_only on one collection: same split and budget, N seeds, test-split table",
     )
     p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for ablation.md/.csv and one package per arch")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for ablation.md/.json, runs.csv and one package per (arch, seed); rerun to skip finished runs",
+    )
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="training seeds train.seed .. +N-1 (default 1)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(CHOICES["model.arch"]),
+        choices=CHOICES["model.arch"],
+        metavar="ARCH",
+        help="architectures to train (default: all three)",
+    )
     _with_config(p)
 
     p = command("label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data")

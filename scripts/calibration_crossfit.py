@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(None, args.set)
-    scored = score(args.model, args.data, cfg)
+    scored = score(args.model, args.data, cfg, held_out="val")  # the split calibration is fitted on
     temperature = temperatures(scored.manifest)
     result = {}
     for task in scored.manifest["tasks"]:

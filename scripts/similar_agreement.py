@@ -11,7 +11,6 @@ PACKAGE was trained with (images it never learned from), neighbours from the who
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from artfuse.config import load_config
 from artfuse.data.catalog import load_collection
 from artfuse.models.package import read_manifest
+from artfuse.pipelines.evaluate import trained_split
 from artfuse.review.neighbours import NearestNeighbours
 from artfuse.review.predictions import load_latest
 
@@ -33,9 +33,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cfg = load_config()
-    trained = read_manifest(args.model)["training"]["data_config"]
-    data = dataclasses.replace(cfg.data, seed=trained["seed"], val_fraction=trained["val_fraction"])
-    collection = load_collection(args.data, data)
+    training = read_manifest(args.model)["training"]
+    collection = load_collection(args.data, trained_split(cfg.data, training, cfg.data.tasks))
     task = collection.tasks[0]
     truth = dict(zip(collection.table["uri"].to_pylist(), collection.table[task].to_pylist(), strict=True))
     held_out = collection.subset("val")["uri"].to_pylist()

@@ -76,25 +76,55 @@ def test_folder_tree(tmp_path: Path) -> None:
     assert not any(u.endswith(("stray.jpg", ".hidden.jpg", ".md", ".csv")) for u in uris)
     sizes = dict(zip(table.column("uri").to_pylist(), table.column("size").to_pylist(), strict=True))
     assert sizes[str(tmp_path / "ukiyo-e/broken.jpg")] == len(GARBAGE)
-    val = Counter(collection.subset("val").column("label").to_pylist())
-    assert val == {"cubism": 1, "impressionism": 1, "ukiyo-e": 1}  # round(0.2 n), at least 1
-    assert collection.subset("train").num_rows + collection.subset("val").num_rows == table.num_rows
+    for split in ("val", "test"):  # round(0.15 n) and round(0.2 n), at least 1
+        assert Counter(collection.subset(split).column("label").to_pylist()) == {
+            "cubism": 1,
+            "impressionism": 1,
+            "ukiyo-e": 1,
+        }
+    assert sum(collection.subset(split).num_rows for split in ("train", "val", "test")) == table.num_rows
     with pytest.raises(ValueError, match="split must be one of"):
-        collection.subset("test")
+        collection.subset("holdout")
 
 
 def test_split_is_deterministic_and_follows_the_seed(tmp_path: Path) -> None:
     write_tree(tmp_path, {f"{label}/{i}.jpg": image_bytes(i) for label in "ab" for i in range(40)})
-    first = load_collection(str(tmp_path), DataConfig(seed=0, val_fraction=0.25))
-    again = load_collection(str(tmp_path), DataConfig(seed=0, val_fraction=0.25))
-    reseeded = load_collection(str(tmp_path), DataConfig(seed=1, val_fraction=0.25))
+    first = load_collection(str(tmp_path), DataConfig(seed=0, val_fraction=0.25, test_fraction=0.2))
+    again = load_collection(str(tmp_path), DataConfig(seed=0, val_fraction=0.25, test_fraction=0.2))
+    reseeded = load_collection(str(tmp_path), DataConfig(seed=1, val_fraction=0.25, test_fraction=0.2))
     assert first.table.equals(again.table)
     assert Counter(first.subset("val").column("label").to_pylist()) == {"a": 10, "b": 10}
-    assert first.subset("val").column("uri").to_pylist() != reseeded.subset("val").column("uri").to_pylist()
+    assert Counter(first.subset("test").column("label").to_pylist()) == {"a": 8, "b": 8}
+    for split in ("val", "test"):
+        assert first.subset(split).column("uri").to_pylist() != reseeded.subset(split).column("uri").to_pylist()
+
+
+def uris(collection, split: str) -> set[str]:
+    return set(collection.subset(split).column("uri").to_pylist())
+
+
+def test_test_split_depends_only_on_seed_and_test_fraction(tmp_path: Path) -> None:
+    write_tree(tmp_path, {f"{label}/{i}.jpg": image_bytes(i) for label in "ab" for i in range(20)})
+    narrow = load_collection(str(tmp_path), DataConfig(val_fraction=0.1, test_fraction=0.2))
+    wide = load_collection(str(tmp_path), DataConfig(val_fraction=0.3, test_fraction=0.2))
+    assert uris(narrow, "test") == uris(wide, "test") and len(uris(wide, "test")) == 8
+    assert uris(narrow, "val") < uris(wide, "val")  # more val images come from train, never from test
+    # test_fraction=0: the train / val split, whose val images are the ones ranked first
+    two_way = load_collection(str(tmp_path), DataConfig(val_fraction=0.2, test_fraction=0.0))
+    assert set(two_way.table.column("split").to_pylist()) == {"train", "val"}
+    assert uris(two_way, "val") == uris(narrow, "test")
+
+
+def test_a_label_too_small_for_three_splits_is_a_clear_error(tmp_path: Path) -> None:
+    write_tree(tmp_path, {f"{label}/{i}.jpg": image_bytes(i) for label, n in (("a", 6), ("b", 2)) for i in range(n)})
+    with pytest.raises(ConfigError, match="label 'b' .* has 2 image.*train, val and test.*data.test_fraction=0"):
+        load_collection(str(tmp_path), DataConfig())
+    two_way = load_collection(str(tmp_path), DataConfig(test_fraction=0.0))
+    assert Counter(two_way.subset("val").column("label").to_pylist()) == {"a": 1, "b": 1}
 
 
 def test_fingerprint_tracks_content_and_labels(tmp_path: Path) -> None:
-    write_tree(tmp_path, {f"{label}/{i}.jpg": image_bytes(i) for label in "ab" for i in range(3)})
+    write_tree(tmp_path, {f"{label}/{i}.jpg": image_bytes(i) for label in "ab" for i in range(4)})
     before = load_collection(str(tmp_path), DataConfig()).fingerprint
     assert before == load_collection(str(tmp_path), DataConfig(seed=5)).fingerprint
     assert len(before) == 16 and int(before, 16) >= 0
@@ -122,7 +152,7 @@ def test_manifest_with_several_tasks(tmp_path: Path) -> None:
     assert table.column("uri")[0].as_py() == str(tmp_path / "img/0.jpg")
     assert table.column("size")[0].as_py() == len(image_bytes(0))
     assert Counter(collection.subset("val").column("artist").to_pylist()) == {"A": 1, "B": 1}
-    only_period = load_collection(manifest, DataConfig(tasks=["period"]))
+    only_period = load_collection(manifest, DataConfig(tasks=["period"], test_fraction=0.0))  # 2 images a period
     assert only_period.tasks == ["period"] and "artist" not in only_period.table.column_names
     with pytest.raises(ConfigError, match="unknown label column 'style'.*artist, period"):
         load_collection(manifest, DataConfig(tasks=["style"]))
@@ -134,17 +164,17 @@ def test_manifest_split_column_and_parquet(tmp_path: Path) -> None:
         {
             "path": [f"images/{i}.png" for i in range(4)],
             "year": pa.array([1900, 1900, 1901, 1901], pa.int64()),
-            "split": ["train", "val", "train", "VAL"],
+            "split": ["train", "val", "test", "VAL"],
         }
     )
     pq.write_table(table, tmp_path / "manifest.parquet")
     collection = load_collection(str(tmp_path / "manifest.parquet"), DataConfig())
     assert collection.tasks == ["year"] and collection.vocabs == {"year": ["1900", "1901"]}
-    assert collection.table.column("split").to_pylist() == ["train", "val", "train", "val"]
+    assert collection.table.column("split").to_pylist() == ["train", "val", "test", "val"]
     pq.write_table(
-        table.set_column(2, "split", pa.array(["train", "test", "val", "val"])), tmp_path / "bad.parquet"
+        table.set_column(2, "split", pa.array(["train", "holdout", "val", "val"])), tmp_path / "bad.parquet"
     )
-    with pytest.raises(ConfigError, match="split column .* says 'test' for .*1.png"):
+    with pytest.raises(ConfigError, match="split column .* says 'holdout' for .*1.png.*train, val or test"):
         load_collection(str(tmp_path / "bad.parquet"), DataConfig())
 
 
@@ -153,7 +183,7 @@ def test_manifest_absolute_paths_outside_the_root(tmp_path: Path) -> None:
     (tmp_path / "meta").mkdir()
     rows = "".join(f"file://{tmp_path}/elsewhere/img/{i}.jpg,{'xy'[i % 2]}\n" for i in range(4))
     manifest = write_manifest(tmp_path / "meta", "path,label\n" + rows)
-    collection = load_collection(manifest, DataConfig())
+    collection = load_collection(manifest, DataConfig(test_fraction=0.0))  # 2 images a label: train and val only
     assert collection.table.column("uri").to_pylist() == [
         f"{tmp_path}/elsewhere/img/{i}.jpg" for i in range(4)
     ]
@@ -236,7 +266,7 @@ def test_s3_collection_matches_the_local_one(tmp_path: Path, s3_bucket: str) -> 
     assert decoded[f"{base}/impressionism/really_a_png.jpg"].format == "PNG"
 
     storage.write_bytes(f"{base}/labels.csv", b"path,label\ncubism/cubism_0.jpg,c\ncubism/cubism_1.jpg,c\n")
-    from_manifest = load_collection(f"{base}/labels.csv", DataConfig())
+    from_manifest = load_collection(f"{base}/labels.csv", DataConfig(test_fraction=0.0))
     assert from_manifest.table.column("uri").to_pylist() == [
         f"{base}/cubism/cubism_{i}.jpg" for i in range(2)
     ]

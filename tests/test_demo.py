@@ -23,6 +23,7 @@ def test_demo_end_to_end(tmp_path, ray_local):
     ]
     summary = demo(str(tmp_path), settings, n_samples=96)
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] == 18  # 3 of each movement's 16: only images that chose nothing
     assert set(metrics["tasks"]["label"]) >= {"accuracy", "macro_f1", "per_class", "confusion", "labels"}
     assert (tmp_path / "evaluation" / "confusion_label.png").stat().st_size > 0
     manifest = json.loads((tmp_path / "model" / "artfuse.json").read_text())

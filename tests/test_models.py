@@ -240,3 +240,27 @@ def test_weights_of_another_network_or_pickled_objects_are_refused(tmp_path):
     torch.save({"weights": torch.nn.Linear(2, 2)}, pickled)
     with pytest.raises(ConfigError, match="not a readable torch state dict"):
         create_model(replace(TINY, pretrained=str(pickled)), TASKS)
+
+
+def test_branch_heads_give_each_branch_logits_and_gradients_but_not_predictions():
+    torch.manual_seed(0)
+    model = create_model(replace(TINY, branch_loss=0.3), TASKS)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x, branch_logits=True)
+    assert list(out) == [*TASKS, "cnn.artist", "cnn.style", "transformer.artist", "transformer.style"]
+    assert out["cnn.artist"].shape == out["transformer.artist"].shape == (2, 3)
+    model.eval()
+    with torch.no_grad():
+        assert list(model(x)) == list(TASKS)  # what predictions and packages see
+        torch.testing.assert_close(model(x)["style"], model(x, branch_logits=True)["style"])
+    model.train()
+    # each branch head's loss reaches its own branch: the CNN head the backbone only, the Transformer head the tokens
+    model.zero_grad()
+    model(x, branch_logits=True)["transformer.artist"].sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.any() and model.head["artist"].weight.grad is None
+    model.zero_grad()
+    model(x, branch_logits=True)["cnn.artist"].sum().backward()
+    assert model.backbone.conv_stem.weight.grad.any() and model.blocks[0].attn.qkv.weight.grad is None
+    plain = create_model(TINY, TASKS)
+    assert plain.branch_heads is None and list(plain(x, branch_logits=True)) == list(TASKS)
+    assert "branch_heads" not in str(create_model(replace(TINY, arch="cnn_only", branch_loss=0.3), TASKS))

@@ -4,11 +4,13 @@ A collection is a folder with one sub-folder per label (one task, `label`) or a 
 `path` column and one column per task; manifest paths are relative to the manifest's folder or absolute
 URIs. Sizes and etags come from one listing of the root, never a request per object. The split is
 stratified on the first task and decided per image by a seeded hash of its path below the root, so it is
-deterministic and the same for a local copy and an S3 copy of a collection.
+deterministic and the same for a local copy and an S3 copy of a collection. Three splits: `train` (learns), `val`
+(chooses the best epoch and any setting) and `test` (chose nothing, reports the figure); `data.test_fraction=0`
+gives the older train / val split, whose figures are validation figures.
 
 A manifest row may name a IIIF manifest instead of a path (`iiif_manifest` column): each of its canvases'
 images becomes a row with that row's labels, fetched at the size the model decodes (artfuse.data.iiif). The
-object's images share its split key, so the views of one object stay together in train or val.
+object's images share its split key, so the views of one object stay together in one split.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from artfuse.data.images import IMAGE_SUFFIXES
 logger = logging.getLogger(__name__)
 
 FOLDER_TASK = "label"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 IIIF_COLUMN = "iiif_manifest"  # a manifest column naming a IIIF manifest per row, instead of a path
 # manifest columns that describe the object, not a label of it
@@ -49,7 +51,7 @@ NON_IMAGE_SUFFIXES = (
 @dataclass
 class Collection:
     root: str  # canonical URI of the folder the collection lives in (a manifest's folder)
-    table: pa.Table  # uri, size, etag, one string column per task, split ("train" / "val"); sorted by uri
+    table: pa.Table  # uri, size, etag, one string column per task, split (train / val / test); sorted by uri
     tasks: list[str]
     vocabs: dict[str, list[str]]  # sorted labels per task
     extra: str = ""  # a digest of what else shaped the table (a corrections dataset), part of the fingerprint
@@ -327,36 +329,53 @@ def _given_split(manifest: pa.Table, uris: list[str], manifest_uri: str) -> list
     for u, value in zip(uris, split, strict=True):
         if value not in SPLITS:
             raise ConfigError(
-                f"the split column of {manifest_uri} says {value!r} for {u}: each row must be train or val"
+                f"the split column of {manifest_uri} says {value!r} for {u}: each row must be train, val or test"
             )
     return split
 
 
 def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataConfig) -> list[str]:
-    """Per label, the val_fraction of images with the lowest seeded hash of their key go to val. Images sharing a
-    key (one IIIF object's views) go together: whole keys are taken until val holds its share, never all."""
+    """Per label, images ranked by a seeded hash of their key: the first test_fraction go to test, the next
+    val_fraction to val, the rest to train. Test depends only on (seed, test_fraction), so changing val_fraction
+    never moves an image into or out of test. Images sharing a key (one IIIF object's views) go together: whole keys
+    are taken until a split holds its share, and train always keeps at least one key."""
     rows_by_label: dict[str, list[int]] = defaultdict(list)
     for row, label in enumerate(labels):
         rows_by_label[label].append(row)
     split = ["train"] * len(keys)
-    for label, rows in sorted(rows_by_label.items()):
-        if len(rows) < 2:
-            raise ConfigError(
-                f"label '{label}' of task '{task}' has {len(rows)} image; at least 2 are needed to split "
-                "into train and val: add images, drop the label, or give the manifest a split column"
-            )
-        n_val = min(len(rows) - 1, max(1, round(len(rows) * data.val_fraction)))
+    with_test = data.test_fraction > 0
+    smallest = min(sorted(rows_by_label), key=lambda label: len(rows_by_label[label]))
+    if len(rows_by_label[smallest]) < 2 + with_test:
+        fix = "set data.test_fraction=0 (no test split: figures are then validation figures), " if with_test else ""
+        raise ConfigError(
+            f"label '{smallest}' of task '{task}' has {len(rows_by_label[smallest])} image(s); at least "
+            f"{2 + with_test} are needed to split into {'train, val and test' if with_test else 'train and val'}: "
+            f"add images, drop the label, {fix}or give the manifest a split column"
+        )
+    for rows in rows_by_label.values():
+        n_test = min(len(rows) - 2, max(1, round(len(rows) * data.test_fraction))) if with_test else 0
+        n_val = min(len(rows) - 1 - n_test, max(1, round(len(rows) * data.val_fraction)))
         ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{data.seed}\0{keys[row]}".encode()).digest())
-        chosen: list[int] = []
-        for row in ranked:  # a key's rows are adjacent: they share its hash
-            if len(chosen) >= n_val and keys[row] != keys[chosen[-1]]:
-                break
-            chosen.append(row)
-        if len(chosen) == len(rows):  # one object's views would take the whole label: it stays in train
-            chosen = [row for row in chosen if keys[row] != keys[chosen[-1]]]
-        for row in chosen:
+        test_end = _take_whole_keys(ranked, keys, 0, n_test)
+        val_end = _take_whole_keys(ranked, keys, test_end, n_val)
+        for row in ranked[:test_end]:
+            split[row] = "test"
+        for row in ranked[test_end:val_end]:
             split[row] = "val"
     return split
+
+
+def _take_whole_keys(ranked: list[int], keys: list[str], start: int, n: int) -> int:
+    """Where a split that starts at `ranked[start]` ends: at least `n` rows, then to the end of the last key taken
+    (a key's rows are adjacent: they share its hash), but never the last key, which stays in train."""
+    end = start
+    while end < len(ranked) and (end - start < n or (end > start and keys[ranked[end]] == keys[ranked[end - 1]])):
+        end += 1
+    if end == len(ranked):  # one object's views would take the rest of the label: that object stays in train
+        last = keys[ranked[-1]]
+        while end > start and keys[ranked[end - 1]] == last:
+            end -= 1
+    return end
 
 
 def _key_below(root: str, uri: str) -> str:

@@ -8,7 +8,8 @@ token and learned 2-D position embeddings (resampled for other input sizes). A p
 ViT `Block`) models their global context, and a fusion head combines the CNN's own pooled features (after its
 head convolution, what cnn_only classifies) with the CLS output:
 `concat` (the paper's), `gated` or `cross_attention`. One linear head per task maps the fused embedding to
-logits.
+logits. Optionally each branch also gets its own linear head per task (`branch_heads`): training adds their losses
+so that neither branch starves while the other carries the fused head; predictions use the fused head only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import nn
 
 from artfuse.config import ConfigError, ModelConfig
 from artfuse.models.weights import timm_backbone_name
+
+BRANCHES = ("cnn", "transformer")  # FusionNet's branches, in the order forward_branches returns their features
 
 # ----------------------------------------------------------------------------------------------------
 # Blocks
@@ -166,6 +169,7 @@ class FusionNet(MultiTaskModel):
         fusion: str = "concat",
         drop_rate: float = 0.1,
         drop_path_rate: float = 0.0,
+        branch_heads: bool = False,
     ):
         """
         Args:
@@ -180,6 +184,8 @@ class FusionNet(MultiTaskModel):
             fusion: concat | gated | cross_attention.
             drop_rate: dropout on tokens, inside the Transformer and before the heads.
             drop_path_rate: stochastic depth, rising linearly to this over the blocks.
+            branch_heads: a linear head per task on each branch's own features (pooled CNN, CLS), for an auxiliary
+                loss; `forward(x, branch_logits=True)` returns their logits too.
         """
         super().__init__()
         if fusion not in FUSIONS:
@@ -204,14 +210,21 @@ class FusionNet(MultiTaskModel):
         self.num_features = d_model
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(tasks)
+        branch_dims = dict(zip(BRANCHES, (cnn_dim, d_model), strict=True))
+        self.branch_heads = (
+            nn.ModuleDict({branch: TaskHeads(dim, tasks) for branch, dim in branch_dims.items()})
+            if branch_heads
+            else None
+        )
         self.init_weights()
 
     def init_weights(self) -> None:
         """ViT-style init for the new layers; the backbone keeps its own (or pretrained) weights."""
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        for module in (self.blocks, self.fusion, self.head):
-            module.apply(init_weights_vit_timm)
+        for module in (self.blocks, self.fusion, self.head, self.branch_heads):
+            if module is not None:
+                module.apply(init_weights_vit_timm)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         if grid == self.grid_size:
@@ -224,14 +237,31 @@ class FusionNet(MultiTaskModel):
             interpolation="bilinear",
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled CNN features (B, C), Transformer CLS (B, D), fused embedding (B, num_features))."""
         # One pass: the whole CNN's features (after its head conv, as for cnn_only) and the token stage's map.
         features, (fmap,) = self.backbone.forward_intermediates(x, indices=[self.feature_index])
         tokens = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, h*w, D)
         tokens = tokens + self.position_embedding((fmap.shape[-2], fmap.shape[-1]))
         x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         x = self.norm(self.blocks(self.pos_drop(x)))
-        return self.fusion(features.mean(dim=(2, 3)), x[:, 0], tokens)  # (B, num_features)
+        pooled, cls = features.mean(dim=(2, 3)), x[:, 0]
+        return pooled, cls, self.fusion(pooled, cls, tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_branches(x)[-1]  # (B, num_features)
+
+    def forward(self, x: torch.Tensor, branch_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Logits per task; with branch_logits (and branch heads) also "<branch>.<task>" logits per branch (task
+        names never contain '.', so the keys cannot clash)."""
+        if not branch_logits or self.branch_heads is None:
+            return self.forward_head(self.forward_features(x))
+        *branch_features, fused = self.forward_branches(x)
+        logits = self.forward_head(fused)
+        for branch, features in zip(BRANCHES, branch_features, strict=True):
+            heads = self.branch_heads[branch](self.head_drop(features))
+            logits |= {f"{branch}.{task}": value for task, value in heads.items()}
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,4 +282,5 @@ def fusion_net(cfg: ModelConfig, tasks: Mapping[str, int]) -> FusionNet:
         fusion=cfg.fusion,
         drop_rate=cfg.dropout,
         drop_path_rate=cfg.drop_path,
+        branch_heads=cfg.branch_loss > 0,
     )

@@ -1,10 +1,12 @@
 """Evaluate a model package on a labelled collection: metrics.json (DESIGN.md's contract), confusion PNGs, and
 how far its scores can be trusted: ECE before and after the package's temperature, a reliability diagram and a
 risk-coverage curve per task, and what the review threshold lets through. `artfuse calibrate` fits that
-temperature and threshold on the same data.
+temperature and threshold (on the training collection, its validation split: never the test split).
 
-When the collection is the one the package was trained on (same fingerprint), only its validation split is
-scored, split exactly as in training; any other collection is scored whole.
+When the collection is the one the package was trained on (same fingerprint), only its test split is scored (the
+images that chose nothing), split exactly as in training; a package trained without a test split (data.test_fraction
+0, or one from before test splits existed) is scored on its validation split, and metrics.json's `split` says which.
+Any other collection is scored whole.
 """
 
 from __future__ import annotations
@@ -48,31 +50,39 @@ from artfuse.reporting.plots import plot_confusion, plot_reliability, plot_risk_
 log = logging.getLogger(__name__)
 
 
+def trained_split(data: DataConfig, training: dict, tasks: list[str]) -> DataConfig:
+    """`data` with the split of the training run (seed, fractions), so "test" and "val" mean the images they meant
+    there; a package from before test splits has no test_fraction: it was split into train and val only."""
+    trained = training.get("data_config", {})
+    return dataclasses.replace(
+        data,
+        tasks=tasks,
+        seed=trained.get("seed", data.seed),
+        val_fraction=trained.get("val_fraction", data.val_fraction),
+        test_fraction=trained.get("test_fraction", 0.0),
+    )
+
+
 @dataclass
 class Scored:
     """A package's predictions on a labelled collection, per task over the rows that decoded."""
 
     manifest: dict
-    split: str  # "val" (the training run's validation split), "all" or "corrections" (the decisions alone)
+    # "test" or "val" (that split of the training run), "all", or "corrections" (the decisions alone)
+    split: str
     errors: int  # rows that could not be labelled
     truth: dict[str, np.ndarray]  # class index, -1 for a label the model was never taught
     probabilities: dict[str, np.ndarray]  # (n, n_labels) as the package predicts them (calibrated)
 
 
-def score(model_uri: str, data_uri: str | None, cfg: Config) -> Scored:
-    """Run the package over the collection (the training run's validation split when it is the same one) with the
-    labelling pipeline, keeping every label's probability."""
+def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "test") -> Scored:
+    """Run the package over the collection with the labelling pipeline, keeping every label's probability. On the
+    collection it was trained on, only the training run's `held_out` split is scored (test: what chose nothing; val:
+    what calibration may fit on); a package trained without a test split is scored on its val split."""
     manifest = read_manifest(model_uri, cfg.storage)
     vocabs: dict[str, list[str]] = manifest["tasks"]
     training = manifest.get("training", {})
-    # The split of the training run (seed, fraction), so "val" means the same images it meant there.
-    trained_split = training.get("data_config", {})
-    data_cfg = dataclasses.replace(
-        cfg.data,
-        tasks=list(vocabs),
-        seed=trained_split.get("seed", cfg.data.seed),
-        val_fraction=trained_split.get("val_fraction", cfg.data.val_fraction),
-    )
+    data_cfg = trained_split(cfg.data, training, list(vocabs))
     decode_size = Preprocess.from_dict(manifest["preprocess"]).resize  # IIIF images are fetched at this size
     collection = truth_collection(data_uri, data_cfg, list(vocabs), cfg, image_size=decode_size)
     if not data_uri:  # the hard cases alone: the tasks a reviewer decided
@@ -82,13 +92,11 @@ def score(model_uri: str, data_uri: str | None, cfg: Config) -> Scored:
         raise ConfigError(
             f"{data_uri} has no label column for task(s) {missing}; the model predicts {list(vocabs)}"
         )
-    held_out = collection.fingerprint == training.get("fingerprint")
-    truth = collection.subset("val") if held_out else collection.table
-    log.info(
-        "evaluating on %d images (%s)",
-        truth.num_rows,
-        "the training run's validation split" if held_out else "all",
-    )
+    split = "all" if data_uri else "corrections"
+    if collection.fingerprint == training.get("fingerprint"):
+        split = held_out if collection.subset(held_out).num_rows else "val"
+    truth = collection.subset(split) if split in ("test", "val") else collection.table
+    log.info("evaluating on %d images (%s)", truth.num_rows, split)
 
     ensure_ray()
     # top-k over every label: the rows then carry each task's whole probability vector
@@ -99,7 +107,6 @@ def score(model_uri: str, data_uri: str | None, cfg: Config) -> Scored:
     by_uri = {row["uri"]: row for row in predicted.to_pylist()}
     rows = [by_uri[uri] for uri in truth["uri"].to_pylist()]
     ok = np.array([row["error"] is None for row in rows], dtype=bool)
-    split = "val" if held_out else "all" if data_uri else "corrections"
     scored = Scored(manifest | {"tasks": vocabs}, split, int((~ok).sum()), {}, {})
     for task, vocab in vocabs.items():
         index = {label: i for i, label in enumerate(vocab)}
@@ -175,7 +182,7 @@ def calibrate(model_uri: str, data_uri: str, cfg: Config) -> dict:
     on a labelled collection (its training run's validation split when it is that one), and store them in it.
 
     For packages trained before calibration existed, or to recalibrate on fresh labelled data."""
-    scored = score(model_uri, data_uri, cfg)
+    scored = score(model_uri, data_uri, cfg, held_out="val")  # never the test split: it must choose nothing
     temperature = temperatures(scored.manifest)
     logits, labels = {}, {}
     for task in scored.manifest["tasks"]:

@@ -5,7 +5,8 @@ and a `TorchTrainer`; `train_loop` runs on every worker and reads top to bottom:
 set the learning rate, forward/backward, clip, step, validate, checkpoint. Checkpoints go to
 `<out>/_train/`; rerunning with the same `--out` resumes from the latest one, and the best epoch
 (validation macro-F1) becomes the package at `<out>`, with a temperature and review threshold per task
-fitted on the validation split (models/calibration.py).
+fitted on the validation split (models/calibration.py). The test split never reaches the workers: the driver
+scores the package on it once, after the best epoch is chosen.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from artfuse.data.catalog import Collection, load_collection
 from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
+from artfuse.models.fusion import BRANCHES
 from artfuse.models.package import save_package
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
@@ -100,8 +102,10 @@ class TrainInputs:
     preprocess: Preprocess
     train: ray.data.Dataset  # decoded at preprocess.resize; augmented per epoch by make_trainer's stage
     val: ray.data.Dataset  # decoded and centre-cropped to preprocess.img_size
+    test: ray.data.Dataset | None  # the same, for the test split; None when the collection has none
     n_train: int
     n_val: int
+    n_test: int
     undecodable: int
     class_weights: dict[str, list[float]]
     train_table: pa.Table  # what `train` holds before decoding: uri, size, y_<task> (label indices into vocabs)
@@ -117,12 +121,22 @@ def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
     vocabs = {task: collection.vocabs[task] for task in collection.tasks}
     train_table = with_label_indices(collection.subset("train"), vocabs)
     val_table = with_label_indices(collection.subset("val"), vocabs)
-    log.info("training on %d images, validating on %d, tasks %s", train_table.num_rows, val_table.num_rows, vocabs)
+    test_table = with_label_indices(collection.subset("test"), vocabs)
+    log.info(
+        "training on %d images, validating on %d, testing on %d, tasks %s",
+        train_table.num_rows, val_table.num_rows, test_table.num_rows, vocabs,
+    )  # fmt: skip
     ensure_ray()
     train_ds, dropped_train = decoded_dataset(train_table, preprocess.resize, None, cfg)
     val_ds, dropped_val = decoded_dataset(val_table, preprocess.resize, preprocess.img_size, cfg)
-    if dropped_train or dropped_val:
-        log.warning("%d training and %d validation images could not be decoded; left out", dropped_train, dropped_val)
+    test_ds, dropped_test = (
+        decoded_dataset(test_table, preprocess.resize, preprocess.img_size, cfg) if test_table.num_rows else (None, 0)
+    )
+    if dropped_train or dropped_val or dropped_test:
+        log.warning(
+            "%d training, %d validation and %d test images could not be decoded; left out",
+            dropped_train, dropped_val, dropped_test,
+        )  # fmt: skip
     return TrainInputs(
         data_uri=data_uri,
         collection=collection,
@@ -130,9 +144,11 @@ def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
         preprocess=preprocess,
         train=train_ds,
         val=val_ds,
+        test=test_ds,
         n_train=train_table.num_rows - dropped_train,
         n_val=val_table.num_rows - dropped_val,
-        undecodable=dropped_train + dropped_val,
+        n_test=test_table.num_rows - dropped_test,
+        undecodable=dropped_train + dropped_val + dropped_test,
         class_weights=class_weights(train_table, vocabs),
         train_table=train_table,
         corrections=learned.to_dict() if learned else None,
@@ -198,6 +214,10 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
     columns = {task: label_column(task) for task in inputs.vocabs}
     logits, labels = dataset_logits(model, inputs.val, inputs.preprocess, columns, cfg.train.batch_size)
     calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on="validation split")
+    # Scored once, by the driver, after the epoch was chosen on val: the figure nothing was chosen on.
+    test = None
+    if inputs.test is not None:
+        test = validate(model, inputs.test, inputs.preprocess, inputs.vocabs, torch.device("cpu"), cfg.train.batch_size)
     model_id = save_package(
         out_uri,
         model,
@@ -209,6 +229,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
             fingerprint=inputs.collection.fingerprint,
             n_train=inputs.n_train,
             n_val=inputs.n_val,
+            n_test=inputs.n_test,
             corrections=inputs.corrections,
             best_epoch=best_metrics["epoch"],
             epochs=cfg.train.epochs,
@@ -229,8 +250,12 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "best_epoch": best_metrics["epoch"],
         "val_accuracy": best_metrics["val_accuracy"],
         "val_macro_f1": best_metrics["val_macro_f1"],
+        "test_accuracy": mean_over_tasks(test, "accuracy") if test else None,
+        "test_macro_f1": mean_over_tasks(test, "macro_f1") if test else None,
+        "test": test,  # per task: accuracy, macro_f1, per_class (recall...), confusion
         "n_train": inputs.n_train,
         "n_val": inputs.n_val,
+        "n_test": inputs.n_test,
         "undecodable": inputs.undecodable,
         "corrections": inputs.corrections,
         "epochs_run": len(history),
@@ -311,6 +336,10 @@ def packaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
     return checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"]
 
 
+def mean_over_tasks(scores: dict, metric: str) -> float:
+    return float(np.mean([task[metric] for task in scores["tasks"].values()]))
+
+
 def train_loop(config: dict) -> None:
     cfg: Config = config["cfg"]
     vocabs: dict[str, list[str]] = config["vocabs"]
@@ -346,6 +375,7 @@ def train_loop(config: dict) -> None:
         )
         for task in vocabs
     }
+    branch_loss = cfg.model.branch_loss if cfg.model.arch == "fusion" else 0.0
     steps_per_epoch = math.ceil(config["n_train"] / world / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
@@ -378,8 +408,13 @@ def train_loop(config: dict) -> None:
                 group["lr"] = lr * group["lr_scale"]
             x = preprocess.to_tensor(batch["image"], device)
             with autocast:
-                logits = model(x)
-                loss = sum(losses[t](logits[t].float(), batch[label_column(t)].to(device)) for t in vocabs)
+                logits = model(x, branch_logits=True) if branch_loss else model(x)
+                targets = {t: batch[label_column(t)].to(device) for t in vocabs}
+                loss = sum(losses[t](logits[t].float(), targets[t]) for t in vocabs)
+                if branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
+                    loss = loss + branch_loss * sum(
+                        losses[t](logits[f"{branch}.{t}"].float(), targets[t]) for branch in BRANCHES for t in vocabs
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
@@ -402,8 +437,8 @@ def train_loop(config: dict) -> None:
             # the schedule's rate at the epoch's last step (set above per step; a worker's shard may be empty)
             "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, warmup_steps, cfg),
             "train_img_s": round(seen * world / elapsed, 2),
-            "val_accuracy": float(np.mean([v["accuracy"] for v in val["tasks"].values()])),
-            "val_macro_f1": float(np.mean([v["macro_f1"] for v in val["tasks"].values()])),
+            "val_accuracy": mean_over_tasks(val, "accuracy"),
+            "val_macro_f1": mean_over_tasks(val, "macro_f1"),
         }
         history.append(metrics)
         print(json.dumps(metrics))

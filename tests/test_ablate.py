@@ -1,0 +1,77 @@
+"""ablate: every architecture on one split for N seeds, a mean ± std table from the test split, resumable; evaluate
+scores a package's test split (an older package's validation split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train import TINY as TRAIN_TINY
+
+from artfuse.config import ConfigError, DataConfig, load_config
+from artfuse.data.catalog import load_collection
+from artfuse.data.samples import generate_samples
+from artfuse.models.package import load_package
+from artfuse.pipelines.ablate import ablate
+from artfuse.pipelines.evaluate import trained_split
+
+pytestmark = pytest.mark.slow
+# test_train's tiny model; fusion also trains its branch heads' auxiliary loss
+TINY = [*TRAIN_TINY, "model.branch_loss=0.3", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    generate_samples(str(out), n=48, seed=1)  # 6 labels x 8 images: 5 train, 1 val, 2 test each
+    return out
+
+
+def run_records(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob("*/seed*/ablation_run.json"))}
+
+
+def test_ablation_over_seeds_tabulates_the_test_split_and_a_rerun_skips_finished_runs(samples, tmp_path, ray_local):
+    out = tmp_path / "ablation"
+    cfg = load_config(None, TINY)
+    summary = ablate(str(samples), str(out), cfg, archs=("cnn_only",), seeds=2)
+    # the movement with the fewest training images; the samples are balanced, so the first of those by name
+    assert summary["measured"] == ["accuracy", "macro_f1", "recall[label=colour_field]"]
+    cnn = summary["archs"]["cnn_only"]
+    assert cnn["runs"] == 2 and cnn["seeds"] == [0, 1] and cnn["split"] == "test" and cnn["n"] == 12
+    for column in summary["measured"]:
+        assert 0.0 <= cnn[column]["mean"] <= 1.0 and cnn[column]["std"] is not None
+    assert "| cnn_only | 2 | 12 |" in (out / "ablation.md").read_text() and " ± " in (out / "ablation.md").read_text()
+    assert json.loads((out / "ablation.json").read_text()) == summary
+    first = run_records(out)
+    assert sorted(first) == ["cnn_only/seed0/ablation_run.json", "cnn_only/seed1/ablation_run.json"]
+
+    # a rerun trains only what is missing (fusion, with its branch heads' auxiliary loss) and keeps every package
+    summary = ablate(str(samples), str(out), cfg, archs=("fusion", "cnn_only"), seeds=1)
+    second = run_records(out)
+    assert sorted(second) == sorted([*first, "fusion/seed0/ablation_run.json"])
+    assert {k: second[k] for k in first} == first  # the cnn_only runs were not trained again
+    assert list(summary["archs"]) == ["fusion", "cnn_only"] and summary["archs"]["fusion"]["runs"] == 1
+    assert summary["archs"]["cnn_only"]["accuracy"]["mean"] == json.loads(
+        (out / "cnn_only" / "seed0" / "ablation_run.json").read_text()
+    )["row"]["accuracy"]
+    runs = (out / "runs.csv").read_text().splitlines()
+    assert len(runs) == 3 and runs[0].startswith("arch,seed,split,n,accuracy,macro_f1,val_accuracy")
+    package = load_package(str(out / "fusion" / "seed0"))
+    assert package.model.branch_heads is not None and package.meta["training"]["n_test"] == 12
+
+    # nothing left to train; other settings in the same --out are refused, not mixed in
+    records = run_records(out)
+    ablate(str(samples), str(out), cfg, archs=("fusion", "cnn_only"), seeds=1)
+    assert run_records(out) == records
+    with pytest.raises(ConfigError, match=r"trained with other settings \(train.epochs\): use a new --out"):
+        ablate(str(samples), str(out), load_config(None, [*TINY, "train.epochs=2"]), archs=("fusion",), seeds=1)
+
+    # evaluate's split: a package's test split; a package from before test splits (no test_fraction), its val split
+    training = package.meta["training"]
+    split = load_collection(str(samples), trained_split(DataConfig(), training, ["label"]))
+    assert split.fingerprint == training["fingerprint"] and split.subset("test").num_rows == 12
+    del training["data_config"]["test_fraction"]
+    older = load_collection(str(samples), trained_split(DataConfig(), training, ["label"]))
+    assert older.subset("test").num_rows == 0 and older.subset("val").num_rows == 6

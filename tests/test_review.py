@@ -106,7 +106,7 @@ def test_appends_from_many_writers_at_once_lose_nothing_and_the_latest_decision_
 
 
 def test_corrections_override_by_uri_or_sha256_and_extend_the_training_collection(samples, tmp_path):
-    cfg = load_config()
+    cfg = load_config(None, ["data.test_fraction=0"])  # 2 images a movement: train and val only
     collection = load_collection(str(samples), cfg.data)
     table = collection.table.to_pylist()
     in_val = next(r for r in table if r["split"] == "val")

@@ -58,6 +58,7 @@ def test_ablation_over_seeds_tabulates_the_test_split_and_a_rerun_skips_finished
     )["row"]["accuracy"]
     runs = (out / "runs.csv").read_text().splitlines()
     assert len(runs) == 3 and runs[0].startswith("arch,seed,split,n,accuracy,macro_f1,val_accuracy")
+    assert list((out / "_train").iterdir()) == []  # finished runs' checkpoints are gone, their packages kept
     package = load_package(str(out / "fusion" / "seed0"))
     assert package.model.branch_heads is not None and package.meta["training"]["n_test"] == 12
 

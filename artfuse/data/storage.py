@@ -225,6 +225,13 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     return fs.exists(path)
 
 
+def remove_tree(uri: str, storage: StorageConfig | None = None) -> None:
+    """Delete everything under `uri` (a folder or prefix); nothing there is fine."""
+    fs, path = resolve(uri, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def makedirs(uri: str, storage: StorageConfig | None = None) -> None:
     fs, path = resolve(uri, storage)
     fs.makedirs(path, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Under `--out`:
   <arch>/seed<k>/          the package of that run (plus ablation_run.json); kept, so each can be evaluated elsewhere
-  _train/<arch>-seed<k>/   its Ray Train checkpoints (a run killed midway resumes from its last epoch)
+  _train/<arch>-seed<k>/   its Ray Train checkpoints while it runs (a run killed midway resumes from its last epoch)
   runs.csv                 one row per finished (arch, seed)
   ablation.md / .json      per architecture: mean and std of accuracy and macro-F1, and the recall of the minority
                            classes, on the test split (the validation split only chose the best epoch)
@@ -79,7 +79,8 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
     arch, seed = cfg.model.arch, cfg.train.seed
     started = time.time()
     arch_inputs = dataclasses.replace(inputs, preprocess=preprocess_for(cfg))  # each backbone's mean/std
-    result = make_trainer(arch_inputs, cfg, storage.join(out_uri, "_train"), name=f"{arch}-seed{seed}").fit()
+    runs_uri, name = storage.join(out_uri, "_train"), f"{arch}-seed{seed}"
+    result = make_trainer(arch_inputs, cfg, runs_uri, name=name).fit()
     trained = export_package(result, arch_inputs, cfg, package_uri)
     split = "test" if trained["test"] else "val"
     scores = trained["test"] or read_manifest(package_uri, cfg.storage)["metrics"]
@@ -103,6 +104,9 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
     }
     record = {"row": row, "config": comparable_config(cfg), "fingerprint": inputs.collection.fingerprint}
     storage.write_bytes(storage.join(package_uri, RUN_RECORD), json.dumps(record, indent=1).encode(), cfg.storage)
+    # Finished and packaged: its checkpoints (weights, EMA and optimiser state; about 150 MB a run at the default
+    # budget) are only needed to resume an unfinished run.
+    storage.remove_tree(storage.join(runs_uri, name), cfg.storage)
     return record
 
 

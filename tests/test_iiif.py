@@ -253,10 +253,12 @@ def test_http_reads_retry_limit_per_server_and_name_each_failure(museum):
         http.get(f"{museum}/down/a.jpg", QUICK_RETRIES)
     with pytest.raises(http.TooLarge, match="above data.max_bytes=1000"):
         http.get(f"{museum}/big/a.jpg", QUICK_RETRIES, max_bytes=1000)
-    with pytest.raises(http.HTTPFailure, match="no answer from 127.0.0.1:9 after 1 try"):
+    with pytest.raises(http.Unreachable, match="no answer from 127.0.0.1:9 after 1 try"):
         http.get("http://127.0.0.1:9/x.jpg", StorageConfig(http_retries=0, http_timeout_s=2))
     from artfuse.data.stages import _read
 
+    with pytest.raises(storage.StorageUnavailable, match="no answer from 127.0.0.1:9"):  # an outage fails the run
+        _read("http://127.0.0.1:9/x.jpg", 0, 1000, StorageConfig(http_retries=0, http_timeout_s=2))
     assert _read(f"{museum}/page/a.jpg", 0, 10**6, QUICK_RETRIES)[0].startswith(b"<html>")  # decode names it
     assert _read(f"{museum}/big/b.jpg", 0, 1000, QUICK_RETRIES)[1].startswith("too_large:")
 

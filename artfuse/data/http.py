@@ -5,8 +5,8 @@ A museum's image server is not S3: it is often one machine that makes each image
 when busy. Every request here waits for one of its server's slots (`storage.http_max_per_server` at once, per
 process: each Ray decode worker keeps its own count), retries connection errors, 429 and 5xx with exponential
 backoff (a Retry-After header wins, as urllib3 does it), and gives up after `storage.http_timeout_s` without a
-byte. A failed request raises FileNotFoundError (404, 410), `TooLarge` or `HTTPFailure`, each with a message
-that names the status, the server and the number of tries.
+byte. A failed request raises FileNotFoundError (404, 410), `TooLarge`, `HTTPFailure` (an answer that is not
+2xx) or `Unreachable` (no answer at all), each with a message that names the status, the server and the tries.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class TooLarge(HTTPFailure):
     """An answer with more bytes than the caller accepts."""
 
 
+class Unreachable(HTTPFailure):
+    """No answer from the server (refused, reset, timed out) after the retries: an outage, not the object's fault."""
+
+
 @dataclass
 class Answer:
     body: bytes
@@ -65,7 +69,7 @@ def get(uri: str, storage: StorageConfig | None = None, *, max_bytes: int | None
                     )
                 return Answer(_body(response, max_bytes, server), response.headers)
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise HTTPFailure(
+            raise Unreachable(
                 f"no answer from {server} after {_tries(cfg.http_retries + 1)} ({type(e).__name__})"
             ) from e
 

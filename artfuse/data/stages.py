@@ -55,6 +55,8 @@ def _read(
         return None, "missing: no such object (deleted since it was listed, or never there)"
     except http.TooLarge as e:
         return None, f"too_large: {e}"
+    except http.Unreachable as e:  # like an S3 outage: the run fails naming the server, a rerun labels the object
+        raise storage.StorageUnavailable(f"{e} reading {uri}") from e
     except http.HTTPFailure as e:
         return None, f"unreadable: {e}"
     except storage.StorageUnavailable:

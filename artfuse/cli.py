@@ -91,6 +91,22 @@ def cmd_label(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from artfuse.pipelines.bench import bench, bench_memory, format_bench, format_memory
 
+    if args.nightly:
+        from artfuse.pipelines.bench_nightly import bench_nightly, format_nightly
+
+        result = bench_nightly(
+            _config(args),
+            args.nightly,
+            args.new,
+            model_uri=args.model,
+            out=args.out,
+            archive=args.archive,
+            use_inventory=args.inventory,
+            keep_archive=not args.delete_archive,
+        )
+        _print(result)
+        print(format_nightly(result))
+        return
     if args.memory:
         result = bench_memory(_config(args), args.memory, args.model, args.out)
         _print(result)
@@ -297,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="instead: the label job's peak memory over collections of N images each (e.g. --memory 2000 10000)",
     )
+    p.add_argument(
+        "--nightly",
+        type=int,
+        metavar="N",
+        help="instead: one night over an archive of N objects, --new of them new (the rest labelled by earlier nights)",
+    )
+    p.add_argument("--new", type=int, default=1000, metavar="M", help="with --nightly: new objects (default 1000)")
+    p.add_argument(
+        "--archive",
+        metavar="URI",
+        help="with --nightly: where the archive lives (default /tmp/artfuse-nightly/archive-N; s3:// for S3); "
+        "kept for the next run of the same N",
+    )
+    p.add_argument(
+        "--inventory", action="store_true", help="with --nightly and an s3:// --archive: label from an S3 Inventory"
+    )
+    p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
     _with_config(p)
 
     p = command(

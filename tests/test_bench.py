@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,19 @@ def test_bench_memory_labels_each_size_and_reports_its_peak(tmp_path, ray_local,
 def test_bench_memory_rejects_empty_sizes(capsys):
     assert main(["bench", "--memory", "0"]) == 2
     assert "collection sizes" in capsys.readouterr().err
+
+
+def test_bench_nightly_labels_exactly_the_new_objects_of_an_archive(tmp_path, ray_local, capsys):
+    settings = [*TINY, "bench.width=48", "bench.height=32", "label.batch_size=8", "label.decode_batch_size=8"]
+    settings.append("label.actor_memory_mb=256")  # a tiny model: schedulable on a busy machine
+    out, archive = tmp_path / "nightly.json", tmp_path / "archive"
+    args = ["bench", "--nightly", "60", "--new", "7", "--archive", str(archive), "--out", str(out)]
+    assert main([*args, "--delete-archive", *(arg for s in settings for arg in ("--set", s))]) == 0
+    result = json.loads(out.read_text())
+    assert (result["n_objects"], result["n_new"], result["labelled"], result["rows_written"]) == (60, 7, 7, 7)
+    assert result["exactly_the_new_objects"] and result["rows_in_output"] == 60
+    assert result["previous_output"]["rows"] == 53 and "written by this bench" in capsys.readouterr().out
+    for key in ("listing_s", "done_set_s", "planning_s", "labelling_s", "total_s"):
+        assert 0 <= result[key] <= result["total_s"], key
+    assert result["driver_peak_mb"] > 100
+    assert not archive.exists() and not Path(f"{archive}.ready").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -162,17 +163,32 @@ def test_arrow_filesystem_s3_reaches_the_same_objects(s3_bucket: str) -> None:
 
 
 def test_s3_listing_is_one_request_not_one_per_object(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import s3fs
+    import botocore.client
 
     fs, _ = storage.resolve(f"s3://{s3_bucket}")
     fs.pipe({f"{s3_bucket}/many/{i % 3}/{i}.jpg": b"x" for i in range(30)})
     requests = []
-    send = s3fs.S3FileSystem._call_s3
+    send = botocore.client.BaseClient._make_api_call
 
-    async def counted(self, method, *args, **kwargs):
-        requests.append(method)
-        return await send(self, method, *args, **kwargs)
+    def counted(self, operation, params):
+        requests.append(operation)
+        return send(self, operation, params)
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
     assert storage.list_objects(f"s3://{s3_bucket}/many").num_rows == 30
-    assert requests == ["list_objects_v2"]  # one page here; 100k objects are 100 pages, never 100k HEADs
+    assert requests == ["ListObjectsV2"]  # one page here; 100k objects are 100 pages, never 100k HEADs
+
+
+def test_a_long_listing_logs_its_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    for folder in range(3):
+        (tmp_path / str(folder)).mkdir()
+        for i in range(5):
+            (tmp_path / str(folder) / f"{i}.jpg").write_bytes(b"x")
+    monkeypatch.setattr(storage, "LISTING_BATCH", 4)
+    monkeypatch.setattr(storage, "LISTING_PROGRESS_S", -1.0)  # every object is "a while later"
+    with caplog.at_level(logging.INFO, logger="artfuse.data.storage"):
+        listing = storage.list_objects(str(tmp_path))
+    assert listing.num_rows == 15 and listing["uri"].to_pylist() == sorted(listing["uri"].to_pylist())
+    progress = [r.getMessage() for r in caplog.records if "objects so far" in r.getMessage()]
+    assert len(progress) == 15 and progress[-1].endswith("15 objects so far")
+    assert caplog.records[-1].getMessage() == f"listed {tmp_path}: 15 objects in 0 s"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from artfuse.config import ConfigError, DataConfig, StorageConfig
-from artfuse.data import iiif
+from artfuse.data import iiif, inventory
 from artfuse.data import storage as st
 from artfuse.data.images import IMAGE_SUFFIXES
 
@@ -124,10 +125,13 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
     """(uri, size, etag) of every input to label: a manifest's paths, or every file under a folder except
     hidden ones and obvious non-images (.csv, .json, .txt, ...); a `.jpg` that is really garbage is kept,
     so the labelling job can give it an error row. A IIIF manifest or collection lists each canvas's image,
-    requested with `image_size` as its shorter side, plus its object (`iiif.OBJECT_COLUMNS`).
+    requested with `image_size` as its shorter side, plus its object (`iiif.OBJECT_COLUMNS`). An S3 Inventory's
+    manifest.json lists its objects (no listing).
 
     A manifest's path listed twice is one input (the table's metadata `duplicates` counts the extra rows); a
     path whose object does not exist is kept with size 0 and an empty etag, so it gets its error row."""
+    if inventory.is_inventory(uri, storage):
+        return _inputs_only(inventory.read_inventory(uri, storage), root="s3://")
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
         manifest, canvases = _with_iiif_canvases(_read_manifest(uri, storage), root, uri, storage, image_size)
@@ -150,13 +154,22 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
         return table.replace_schema_metadata({"duplicates": str(duplicates)})
     if iiif.is_presentation(uri):
         return iiif.list_canvases(uri, storage, image_size=image_size)
-    root = st.canonical_uri(uri)
-    listing = st.list_objects(uri, storage)
-    keep = [
-        not _is_hidden(_key_below(root, u)) and not u.lower().endswith(NON_IMAGE_SUFFIXES)
-        for u in listing.column("uri").to_pylist()
-    ]
-    return listing.filter(pa.array(keep, pa.bool_()))
+    return _inputs_only(st.list_objects(uri, storage), st.canonical_uri(uri))
+
+
+def _inputs_only(listing: pa.Table, root: str) -> pa.Table:
+    """The listing without hidden objects (a part of the key below `root` starts with ".") and obvious non-images.
+    In Arrow, not per Python string: an archive's listing is millions of rows."""
+    uris = listing.column("uri")
+    prefix = root.rstrip("/") + "/"
+    below = pc.starts_with(uris, prefix)
+    hidden = pc.or_(
+        pc.match_substring_regex(uris, "^" + re.escape(prefix) + r"(.*/)?\."),
+        pc.and_not(pc.match_substring_regex(uris, r"(^|/)\."), below),  # a file listing itself: its whole path
+    )
+    suffixes = "|".join(re.escape(s.lstrip(".")) for s in NON_IMAGE_SUFFIXES)
+    not_image = pc.match_substring_regex(uris, rf"\.({suffixes})$", ignore_case=True)
+    return listing.filter(pc.invert(pc.or_(hidden, not_image)))
 
 
 def _is_manifest(uri: str) -> bool:

@@ -14,11 +14,14 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+import botocore
+import botocore.config
 import botocore.exceptions
+import botocore.session
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -36,6 +39,8 @@ T = TypeVar("T")
 
 class StorageUnavailable(RuntimeError):
     """The storage endpoint did not answer for `storage.patience_s`."""
+LISTING_BATCH = 10_000  # listed objects gathered as Python tuples before they become Arrow columns
+LISTING_PROGRESS_S = 10.0  # a listing that takes longer logs a progress line this often
 
 
 def canonical_uri(uri: str) -> str:
@@ -88,32 +93,107 @@ def list_objects(
 ) -> pa.Table:
     """Every object under `uri` (recursive; a file lists itself) as a table of uri, size, etag, sorted by uri.
 
-    One paginated listing (no request per object). `etag` is the S3 ETag, or for local files the mtime in
-    nanoseconds, so that a changed object gets a new value. `suffixes` keeps names ending in one of them,
-    ignoring case.
+    Paginated listings (no request per object), streamed a folder at a time into Arrow columns with a progress
+    line every LISTING_PROGRESS_S, so that millions of objects neither hold a Python dict each nor leave the job
+    silent for minutes. `etag` is the S3 ETag, or for local files the mtime in nanoseconds, so that a changed
+    object gets a new value. `suffixes` keeps names ending in one of them, ignoring case.
     """
     fs, path = resolve(uri, storage)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    started = last_progress = time.monotonic()
+    batches: list[pa.RecordBatch] = []
+    rows: list[tuple[str, int, str]] = []
+    count = 0
+    objects = _s3_objects(path, storage) if uri.startswith(S3_PREFIX) else _local_objects(path)
     try:
-        found = fs.find(path, detail=True)
+        for name, size, etag in objects:
+            if wanted is not None and not name.lower().endswith(wanted):
+                continue
+            rows.append((_to_uri(uri, name), size, etag))
+            if len(rows) == LISTING_BATCH:
+                batches.append(_listing_batch(rows))
+                count, rows = count + len(rows), []
+            if time.monotonic() - last_progress > LISTING_PROGRESS_S:
+                last_progress = time.monotonic()
+                log.info("listing %s: %d objects so far", uri, count + len(rows))
     except FileNotFoundError:
-        found = {}
+        pass
     except PermissionError as e:
         raise ConfigError(f"access denied listing {uri}: check the AWS credentials and bucket policy") from e
-    if not found and not fs.exists(path):
+    batches.append(_listing_batch(rows))
+    count += len(rows)
+    if not count and not fs.exists(path):
         raise ConfigError(f"collection path not found: {uri}")
-    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    rows = sorted(
-        (_to_uri(uri, name), int(info["size"]), _etag(info))
-        for name, info in found.items()
-        if info.get("type") != "directory" and (wanted is None or name.lower().endswith(wanted))
+    if time.monotonic() - started > LISTING_PROGRESS_S:
+        log.info("listed %s: %d objects in %.0f s", uri, count, time.monotonic() - started)
+    return pa.Table.from_batches(batches).sort_by("uri")
+
+
+def _local_objects(path: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, etag) of every file under `path` (or `path` itself), one folder at a time (os.scandir: the
+    file type comes with the folder's entries, so only files cost a stat)."""
+    if not os.path.isdir(path):
+        stat = os.stat(path)  # FileNotFoundError: nothing there
+        yield path, stat.st_size, _mtime_etag(stat.st_mtime)
+        return
+    folders = [path]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except FileNotFoundError:
+            continue  # removed while we listed
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():
+                        folders.append(entry.path)
+                        continue
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue
+                yield entry.path, stat.st_size, _mtime_etag(stat.st_mtime)
+
+
+def _s3_objects(path: str, storage: StorageConfig | None) -> Iterator[tuple[str, int, str]]:
+    """("bucket/key", size, etag) of every object under `path` ("bucket/prefix", or one object's "bucket/key"), from
+    one flat paginated ListObjectsV2 (1,000 keys a request), page by page."""
+    bucket, _, prefix = path.partition("/")
+    client = _s3_client(storage)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    seen = False
+    try:
+        for page in pages:
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):  # a folder marker, not an object
+                    seen = True
+                    yield f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')
+        if not seen and prefix:
+            head = client.head_object(Bucket=bucket, Key=prefix)
+            yield path, int(head["ContentLength"]), str(head["ETag"]).strip('"')
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("AccessDenied", "403"):
+            raise PermissionError(str(e)) from e
+        if code in ("NoSuchBucket", "NoSuchKey", "404"):
+            return
+        raise
+
+
+def _s3_client(storage: StorageConfig | None):
+    """A botocore S3 client with the same endpoint, region, credentials chain and anonymity as `resolve`'s s3fs."""
+    cfg = storage or StorageConfig()
+    config = botocore.config.Config(signature_version=botocore.UNSIGNED) if cfg.anon else None
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3", endpoint_url=_endpoint_url(cfg) or None, region_name=cfg.region or None, config=config
     )
+
+
+def _listing_batch(rows: list[tuple[str, int, str]]) -> pa.RecordBatch:
     uris, sizes, etags = zip(*rows, strict=True) if rows else ((), (), ())
-    return pa.table(
-        {
-            "uri": pa.array(uris, pa.string()),
-            "size": pa.array(sizes, pa.int64()),
-            "etag": pa.array(etags, pa.string()),
-        }
+    return pa.record_batch(
+        [pa.array(uris, pa.string()), pa.array(sizes, pa.int64()), pa.array(etags, pa.string())],
+        names=["uri", "size", "etag"],
     )
 
 
@@ -273,7 +353,11 @@ def _to_uri(requested: str, path: str) -> str:
 def _etag(info: dict) -> str:
     if "ETag" in info:
         return str(info["ETag"]).strip('"')
-    return str(round(float(info["mtime"]) * 1e9))
+    return _mtime_etag(float(info["mtime"]))
+
+
+def _mtime_etag(mtime: float) -> str:
+    return str(round(mtime * 1e9))
 
 
 def _endpoint_url(cfg: StorageConfig) -> str:

@@ -299,11 +299,13 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
             f"--input {input_uri} lists nothing to label (an empty folder or prefix, or a file that is not a "
             ".csv/.parquet manifest): check that the input has not moved"
         )
+    listed_s = time.time() - started
     output = labelled_inputs(out_uri, cfg.storage, run_id)
     done = output.done
+    done_set_s = time.time() - started - listed_s
     todo = listed.join(done, keys=KEY, join_type="left anti") if done.num_rows else listed
     todo = todo.sort_by("uri")
-    listed_s = time.time() - started
+    planning_s = time.time() - started - listed_s - done_set_s
     log.info(
         "listed %d inputs, %d already labelled, %d to label",
         listed.num_rows,
@@ -312,12 +314,15 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
     )
 
     counts = {"labelled": 0, "errors": 0, "review": {"rows": 0, "by_task": dict.fromkeys(thresholds, 0)}}
-    labelling_s = verify_s = 0.0
+    ray_start_s = labelling_s = verify_s = 0.0
     if todo.num_rows:
         ensure_ray()
-        pipeline_started = time.time()
+        ray_start_s = time.time() - started - listed_s - done_set_s - planning_s
+        planned = time.time()
         partition = storage.join(out_uri, f"run_date={run_date}")
         ds = prediction_dataset(todo, model_uri, cfg, run_id=run_id, labelled_at=labelled_at)
+        planning_s += time.time() - planned
+        pipeline_started = time.time()
         fs, root = storage.arrow_filesystem(partition, cfg.storage)
         ds.write_parquet(
             root,
@@ -349,6 +354,9 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         "img_s": round(todo.num_rows / labelling_s, 2) if labelling_s else 0.0,  # start-up included
         "durations_s": {
             "listing": round(listed_s, 2),
+            "done_set": round(done_set_s, 2),  # reading what earlier runs labelled
+            "planning": round(planning_s, 2),  # what is left to label, as a Ray Dataset
+            "ray_start": round(ray_start_s, 2),
             "labelling": round(labelling_s, 2),
             "verifying": round(verify_s, 2),
             "total": round(elapsed, 2),

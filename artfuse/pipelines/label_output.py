@@ -23,6 +23,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ EMPTY_KEYS = pa.table(
 )
 SET_ASIDE = "_set_aside"  # where torn files go, one folder per run that moved them
 LOCK = "_lock.json"
+READ_THREADS = 8  # output files read at once: a local disk or S3 serves several reads while one is parsed
 OWN_FILE = re.compile(r"^artfuse-(?P<run_id>\d{8}T\d{6}-[0-9a-f]{8})_.+\.parquet$")
 
 
@@ -55,7 +57,7 @@ class OutputUnreadable(RuntimeError):
 
 @dataclass
 class OutputState:
-    done: pa.Table  # distinct (uri, etag, size) already labelled
+    done: pa.Table  # (uri, etag, size) already labelled (not deduplicated: only an anti-join reads it)
     set_aside: list[dict] = field(default_factory=list)  # {"file", "to"}: torn files this run moved
     foreign: list[str] = field(default_factory=list)  # files the job did not write and does not use
 
@@ -77,36 +79,52 @@ def labelled_inputs(out_uri: str, storage_config: StorageConfig | None, run_id: 
     state = OutputState(done=EMPTY_KEYS)
     if not fs.exists(root):
         return state
+    paths = [path for path in sorted(fs.find(root)) if not _skipped(path[len(root) :])]
+    # Reads side by side (an archive's output is thousands of files; a night reads only their key columns), then
+    # decided in path order, so the first unreadable file is the one named, as a one-by-one read would.
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        outcomes = list(pool.map(lambda path: _read_keys(fs, path), paths))
     tables, torn = [], []
-    for path in sorted(fs.find(root)):
-        below = path[len(root) :]
-        if "/_" in below or "/." in below:  # reports, the lock, set-aside files, hidden files
-            continue
+    for path, (keys, error) in zip(paths, outcomes, strict=True):
         uri = _uri(out_uri, root, path)
-        try:
-            with fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                if not PREDICTION_COLUMNS <= set(parquet.schema_arrow.names):
-                    state.foreign.append(uri)
-                    continue
-                tables.append(parquet.read(columns=KEY))
-        except pa.ArrowInvalid as e:  # the bytes arrived and are not Parquet: torn if we wrote it
+        if keys is not None:
+            tables.append(keys)
+        elif error is None:  # readable Parquet without the prediction columns
+            state.foreign.append(uri)
+        elif isinstance(error, pa.ArrowInvalid):  # the bytes arrived and are not Parquet: torn if we wrote it
             if is_own_file(path):
-                torn.append((path, e))
+                torn.append((path, error))
             else:
                 state.foreign.append(uri)
-        except Exception as e:
+        else:
             raise OutputUnreadable(
-                f"cannot read {uri} ({type(e).__name__}: {e}); nothing under {out_uri} was changed: rerun once "
-                "storage answers (or grant read access), or move the file out of the output if it is not needed"
-            ) from e
+                f"cannot read {uri} ({type(error).__name__}: {error}); nothing under {out_uri} was changed: rerun "
+                "once storage answers (or grant read access), or move the file out of the output if it is not needed"
+            ) from error
     # Only once every file was read: a run that fails on a read leaves the output exactly as it found it.
     state.set_aside = [_set_aside(fs, out_uri, root, path, run_id, e) for path, e in torn]
     for uri in state.foreign:
         log.warning("leaving %s alone: not a prediction file of this job (its rows, if any, are not counted)", uri)
     if tables:
-        state.done = pa.concat_tables(tables).group_by(KEY).aggregate([])
+        state.done = pa.concat_tables(tables)
     return state
+
+
+def _skipped(below: str) -> bool:
+    return "/_" in below or "/." in below  # reports, the lock, set-aside files, hidden files
+
+
+def _read_keys(fs, path: str) -> tuple[pa.Table | None, Exception | None]:
+    """The key columns of one output file; (None, None) for Parquet that is not predictions; (None, error) when
+    it cannot be read."""
+    try:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if not PREDICTION_COLUMNS <= set(parquet.schema_arrow.names):
+                return None, None
+            return parquet.read(columns=KEY), None
+    except Exception as e:  # noqa: BLE001 - decided by the caller, in path order
+        return None, e
 
 
 def _set_aside(fs, out_uri: str, root: str, path: str, run_id: str, error: Exception) -> dict:

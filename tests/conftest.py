@@ -84,9 +84,10 @@ def paintings() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's headless Chromium driven by Playwright; skips the test where either is absent."""
+    """Debian's headless Chromium driven by Playwright, one per test module (Playwright's sync API keeps an event
+    loop running while it is open); skips the test where either is absent."""
     if not CHROMIUM.exists():
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")

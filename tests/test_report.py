@@ -20,16 +20,6 @@ from artfuse.pipelines.label import label
 from artfuse.reporting import report
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SETTINGS = [
     "model.img_size=64",
     "model.d_model=32",
@@ -78,17 +68,6 @@ def parquet_counts(out: Path, run_id: str) -> dict:
         "failed": rows.num_rows - failed,
         "review": pc.sum(rows["needs_review"]).as_py(),
     }
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_label_report_page_in_a_browser(nights, browser, tmp_path):

@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from artfuse.cluster import JOBS
 from artfuse.config import CHOICES, Config, ConfigError, load_config
 
 log = logging.getLogger("artfuse")
@@ -124,7 +125,6 @@ def cmd_tune(args: argparse.Namespace) -> None:
     _print(tune(args.data, args.out, load_config(args.config, overrides)))
 
 
-SUBMIT_JOBS = ("train", "tune", "label", "evaluate")
 SUBMIT_DESCRIPTION = """\
 Run `python jobs/JOB.py JOB ARGS` on the Ray cluster whose dashboard is at --address, with this checkout
 as the job's working_dir (the cluster's image holds the dependencies; see cluster/README.md), stream its
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = SUBMIT_DESCRIPTION
     p.epilog = SUBMIT_EPILOG
-    p.add_argument("job", metavar="JOB", choices=SUBMIT_JOBS, help=f"the job to run: {', '.join(SUBMIT_JOBS)}")
+    p.add_argument("job", metavar="JOB", choices=JOBS, help=f"the job to run: {', '.join(JOBS)}")
     p.add_argument(
         "--address", required=True, metavar="URL", help="the cluster's dashboard, e.g. http://127.0.0.1:8265"
     )

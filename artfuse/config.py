@@ -88,7 +88,7 @@ class TrainConfig:
     augment: bool = True  # random resized crop + flip + colour jitter on the training split
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
-    cpus_per_worker: float = 0.5  # leave CPUs to Ray Data (see DESIGN.md, CPU starvation)
+    cpus_per_worker: float = 0.5  # leave CPUs to Ray Data (docs/architecture.md, CPU starvation)
     compile: bool = False  # torch.compile the model (GPU)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     seed: int = 0
@@ -161,6 +161,15 @@ class BenchConfig:
 
 
 @dataclass
+class PauseConfig:
+    """Fault tests only: the job blocks at a known point, where the test kills it (artfuse/pipelines/pause.py)."""
+
+    point: str = ""  # off ("") | epoch (train: after an epoch's checkpoint, epochs remaining) | batch (label)
+    after: int = 1  # block from this pass of the point on, passes counted across the job's processes
+    dir: str = ""  # local folder: the pass count, `paused` when blocked, and the `release` file that ends it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +178,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    pause: PauseConfig = field(default_factory=PauseConfig)
 
 
 CHOICES = {
@@ -176,6 +186,7 @@ CHOICES = {
     "model.fusion": ("concat", "gated", "cross_attention"),
     "model.feature_stride": (8, 16, 32),
     "train.class_balance": ("weighted", "none"),
+    "pause.point": ("", "epoch", "batch"),
 }
 
 
@@ -251,13 +262,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-    m = cfg.model
-    if m.d_model % m.num_heads:
-        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads})")
-    if m.branch_loss < 0:
-        raise ConfigError(f"model.branch_loss must be 0 or more; got {m.branch_loss}")
-    if m.img_size < 32 or m.img_size % 32:
-        raise ConfigError(f"model.img_size must be a multiple of 32 and at least 32; got {m.img_size}")
+    check_model(cfg.model)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be between 0 and 1; got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.data.test_fraction < 1.0 or cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
@@ -281,6 +286,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"label.review_threshold must be auto or a number between 0 and 1; got {threshold!r}")
     if not 0.0 < cfg.label.target_accuracy <= 1.0:
         raise ConfigError(f"label.target_accuracy must be above 0 and at most 1; got {cfg.label.target_accuracy}")
+    if cfg.pause.point and (not cfg.pause.dir or cfg.pause.after < 1):
+        raise ConfigError("pause.point needs pause.dir (a local folder) and pause.after >= 1")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
     st = cfg.storage
@@ -289,6 +296,16 @@ def validate(cfg: Config) -> None:
             "storage.http_timeout_s must be above 0, storage.http_retries and storage.http_backoff_s at least 0, "
             "storage.http_max_per_server at least 1"
         )
+
+
+def check_model(m: ModelConfig) -> None:
+    """What every model config must satisfy, however it was made (a config file, a package, code)."""
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads})")
+    if m.branch_loss < 0:
+        raise ConfigError(f"model.branch_loss must be 0 or more; got {m.branch_loss}")
+    if m.img_size < 32 or m.img_size % 32:
+        raise ConfigError(f"model.img_size must be a multiple of 32 and at least 32; got {m.img_size}")
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:

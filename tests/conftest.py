@@ -36,7 +36,9 @@ def ray_local(s3_server: str) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # With the dashboard, as artfuse starts its own (cluster/runtime.py): Ray Train's placement-group cleanup
+        # for stopped Tune trials needs its state API.
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from artfuse.cli import SUBMIT_JOBS, main
-from artfuse.cluster import submit
+from artfuse.cli import main
+from artfuse.cluster import JOBS, submit
 
 URL = "http://127.0.0.1:8265"
 LABEL_ARGS = ["--model", "s3://m/current", "--input", "s3://archive/", "--out", "s3://labels/"]
@@ -29,17 +29,13 @@ def no_cluster(monkeypatch):
     monkeypatch.setattr(submit, "JobSubmissionClient", refuse)
 
 
-def test_submit_jobs_are_the_jobs_that_can_be_submitted():
-    assert SUBMIT_JOBS == submit.JOBS
-
-
 def test_help_explains_job_arguments_token_auth_and_exit_codes(capsys):
     assert run(["submit", "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: artfuse submit JOB --address URL")
     for needed in ("JOB ARGS", "artfuse JOB --help", "~/.ray/auth_token", "RAY_AUTH_TOKEN", "exit 0", "2 for a usage"):
         assert needed in text, needed
-    assert all(job in text for job in SUBMIT_JOBS)
+    assert all(job in text for job in JOBS)
     assert "artfuse submit label --address http://" in text  # an example to copy
 
 

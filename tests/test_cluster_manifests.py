@@ -144,6 +144,8 @@ def test_nightly_schedule_labels_once_a_day_and_cleans_up():
 
 
 def test_aws_launcher_config_is_valid_with_a_cpu_head_and_spot_gpu_workers_from_zero():
+    # Private: no public API checks a launcher YAML offline (ray.autoscaler.sdk.bootstrap_config calls the cloud
+    # provider; `ray up` launches); these are what `ray up` runs first.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())

@@ -23,6 +23,7 @@ from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import label, read_output
+from artfuse.pipelines.pause import PAUSED, RELEASE
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,10 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
     collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
     generate_samples(str(collection), n=240, size_range=SMALL)
     save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
-    settings = [arg for s in (*TINY, *SMALL_STEPS) for arg in ("--set", s)]
+    # The model actor blocks before its third batch: two batches (two files) are labelled, the rest never are.
+    pause = tmp_path / "pause"
+    pausing = ["pause.point=batch", "pause.after=3", f"pause.dir={pause}"]
+    settings = [arg for s in (*TINY, *SMALL_STEPS, *pausing) for arg in ("--set", s)]
     command = [sys.executable, "-m", "artfuse.cli", "label", "--model", str(model)]
     command += ["--input", str(collection), "--out", str(out), *settings]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the tests' one
@@ -69,7 +73,8 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
         driver = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while len(complete_files(out)) < 2 and driver.poll() is None and time.time() < deadline:
+        while not ((pause / PAUSED).exists() and len(complete_files(out)) >= 2) and driver.poll() is None:
+            assert time.time() < deadline, "no pause after two files:\n" + _tail(tmp_path / "first.log")
             time.sleep(0.05)
         assert driver.poll() is None, "the first run ended before it could be killed:\n" + _tail(tmp_path / "first.log")
         ray_processes = psutil.Process(driver.pid).children(recursive=True)
@@ -108,7 +113,7 @@ def test_node_removed_mid_job_still_writes_every_row(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, "-c", script, str(model), str(collection), str(out)],
+        [sys.executable, "-c", script, str(model), str(collection), str(out), str(tmp_path / "pause")],
         env=env,
         capture_output=True,
         text=True,
@@ -117,13 +122,14 @@ def test_node_removed_mid_job_still_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "failed" not in result, result["failed"]
-    assert result["rows_before_removal"] < 96, "the node went after the job had finished"
+    assert 0 < result["rows_before_removal"] < 96, "the node went mid-job"
     assert (result["report"]["labelled"], result["report"]["errors"]) == (96, 0)
     assert_one_row_per_input(out, collection)
 
 
-def label_losing_a_node(model: str, collection: str, out: str) -> None:
-    """Run in a subprocess: label on a head + worker node (1 CPU each), remove the worker once output appears."""
+def label_losing_a_node(model: str, collection: str, out: str, pause: str) -> None:
+    """Run in a subprocess: label on a head + worker node (1 CPU each); the model actors block after one batch, the
+    worker node goes, and then they go on (the pause point: the node goes mid-job, never after it)."""
     from ray.cluster_utils import Cluster
 
     small_store = 100 * 2**20
@@ -133,7 +139,8 @@ def label_losing_a_node(model: str, collection: str, out: str) -> None:
     cluster.wait_for_nodes()
     # half a CPU per stage, so that decode tasks and the two model actors can run on both nodes
     settings = ["label.cpus_per_actor=0.5", "label.decode_cpus=0.5", "label.min_actors=2", "label.max_actors=2"]
-    cfg = load_config(None, [*TINY, *SMALL_STEPS, *settings])
+    pausing = ["pause.point=batch", "pause.after=2", f"pause.dir={pause}"]
+    cfg = load_config(None, [*TINY, *SMALL_STEPS, *settings, *pausing])
     result: dict = {}
 
     def run() -> None:
@@ -144,10 +151,11 @@ def label_losing_a_node(model: str, collection: str, out: str) -> None:
 
     job = threading.Thread(target=run)
     job.start()
-    while not complete_files(Path(out)) and job.is_alive():
+    while not (Path(pause, PAUSED).exists() and complete_files(Path(out))) and job.is_alive():
         time.sleep(0.05)
     result["rows_before_removal"] = sum(pq.read_metadata(p).num_rows for p in complete_files(Path(out)))
     cluster.remove_node(worker)
+    Path(pause, RELEASE).touch()
     job.join()
     ray.shutdown()
     cluster.shutdown()

@@ -30,6 +30,7 @@ AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "HOME")
 def clean_auth(tmp_path) -> Path:
     """No Ray auth settings and an empty HOME; afterwards the environment and Ray's cached config are restored
     (Ray reads RAY_AUTH_MODE once per process, so the restore must re-read it, after the env is back)."""
+    # Private: Ray 2.60 has no public call that re-reads its cached config (see cluster/submit.py).
     from ray._raylet import Config
 
     saved = {name: os.environ.get(name) for name in AUTH_ENV}
@@ -77,6 +78,7 @@ def test_runtime_env_ships_the_source_and_storage_settings_but_not_credentials(m
 
 
 def _ray_token_auth_enabled() -> bool:
+    # Private: what Ray's own clients consult; no public API reports the auth mode a process will use.
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     return is_token_auth_enabled()

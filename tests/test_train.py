@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import pytest
 
 from artfuse.config import load_config
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.train import CHECKPOINT, load_checkpoint, train
+from artfuse.pipelines.pause import PAUSED, RELEASE
+from artfuse.pipelines.train import train
 
 pytestmark = pytest.mark.slow
 TINY = [
@@ -42,23 +42,50 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "_train" / "run").glob("checkpoint_*"))
 
 
-def kill_one_worker_after_first_checkpoint(out: Path, killed: list[int], timeout: float = 240) -> None:
+def registered_epochs(out: Path) -> set[int]:
+    """The epochs whose checkpoints Ray Train has registered: what a restart or a rerun resumes from."""
+    snapshot = out / "_train" / "run" / "checkpoint_manager_snapshot.json"
+    try:
+        return {r["metrics"]["epoch"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced right now
+        return set()
+
+
+def paused_at(out: Path, pause_dir: Path, epoch: int, running=lambda: True, timeout: float = 300) -> bool:
+    """Wait until the run blocks at its pause point with `epoch`'s checkpoint registered (it cannot finish first)."""
     deadline = time.time() + timeout
-    while time.time() < deadline and not checkpoints(out):
+    while time.time() < deadline and running():
+        if (pause_dir / PAUSED).exists() and epoch in registered_epochs(out):
+            return True
         time.sleep(0.2)
-    # Only this test's cluster: its Ray processes descend from this (pytest) process.
-    for proc in psutil.Process().children(recursive=True):
-        if "RayTrainWorker" in " ".join(proc.cmdline()):
-            proc.send_signal(signal.SIGKILL)
-            killed.append(proc.pid)
+    return False
+
+
+def pause_after_epoch(pause_dir: Path, epoch: int) -> list[str]:
+    return ["pause.point=epoch", f"pause.after={epoch}", f"pause.dir={pause_dir}"]
+
+
+def kill_one_worker_when_paused(out: Path, pause_dir: Path, killed: list[int]) -> None:
+    try:
+        if not paused_at(out, pause_dir, epoch=1):
             return
+        # Only this test's cluster: its Ray processes descend from this (pytest) process.
+        for proc in psutil.Process().children(recursive=True):
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+    finally:
+        (pause_dir / RELEASE).touch()  # the restarted workers go on (and train() never waits forever)
 
 
 def test_killed_worker_is_replaced_from_last_checkpoint(samples, tmp_path, ray_local):
-    out = tmp_path / "model"
-    cfg = load_config(None, [*TINY, "train.epochs=4", "train.num_workers=2", "train.max_failures=2"])
+    out, pause_dir = tmp_path / "model", tmp_path / "pause"
+    cfg = load_config(
+        None, [*TINY, "train.epochs=4", "train.num_workers=2", "train.max_failures=2", *pause_after_epoch(pause_dir, 1)]
+    )
     killed: list[int] = []
-    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(out, killed), daemon=True)
+    killer = threading.Thread(target=kill_one_worker_when_paused, args=(out, pause_dir, killed), daemon=True)
     killer.start()
     summary = train(str(samples), str(out), cfg)
     killer.join(timeout=5)
@@ -71,40 +98,34 @@ def test_killed_worker_is_replaced_from_last_checkpoint(samples, tmp_path, ray_l
     assert (out / "model.safetensors").exists() and (out / "artfuse.json").exists()
 
 
-def run_train_cli(samples: Path, out: Path, epochs: int, **popen) -> subprocess.Popen:
+def run_train_cli(samples: Path, out: Path, epochs: int, settings=(), **popen) -> subprocess.Popen:
     args = [sys.executable, "-m", "artfuse.cli", "train", "--data", str(samples), "--out", str(out)]
-    for item in [*TINY, f"train.epochs={epochs}"]:
+    for item in [*TINY, f"train.epochs={epochs}", *settings]:
         args += ["--set", item]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
 
 def test_interrupted_run_resumes_at_next_epoch(samples, tmp_path):
-    out = tmp_path / "model"
-    first = run_train_cli(samples, out, epochs=4, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(checkpoints(out)) < 2 and first.poll() is None:
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    first.wait()
-    states = [load_checkpoint(c) for c in checkpoints(out) if (c / CHECKPOINT).exists()]
-    done = max(s["epoch"] for s in states) + 1  # epochs completed before the kill
-    assert 1 <= done < 4, "the first run should have been interrupted mid-way"
+    out, pause_dir = tmp_path / "model", tmp_path / "pause"
+    first = run_train_cli(samples, out, 4, pause_after_epoch(pause_dir, 2), start_new_session=True)
+    try:
+        paused = paused_at(out, pause_dir, epoch=2, running=lambda: first.poll() is None)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        log, _ = first.communicate()
+    assert paused, "the first run did not pause after epoch 2:\n" + log[-3000:]
 
     second = run_train_cli(samples, out, epochs=4)
     log, _ = second.communicate(timeout=400)
     assert second.returncode == 0, log[-3000:]
-    # Ray registers a checkpoint only once its report completes: the kill may land between the two.
-    resumed = re.search(r"resuming from the checkpoint of epoch (\d+): starting epoch (\d+)", log)
-    assert resumed, "the rerun did not resume from a checkpoint"
-    restored = int(resumed.group(1))
-    assert 1 <= restored <= done and int(resumed.group(2)) == restored + 1
+    assert "resuming from the checkpoint of epoch 2: starting epoch 3" in log
     reported = {
         json.loads(line[line.index("{") :])["epoch"]
         for line in log.splitlines()
         if '"train_loss"' in line and line.rstrip().endswith("}")
     }
-    assert reported == set(range(restored + 1, 5)), f"the rerun trained epochs {sorted(reported)}"
+    assert reported == {3, 4}, f"the rerun trained epochs {sorted(reported)}"
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 

@@ -19,6 +19,7 @@ from ray import tune as ray_tune
 from ray.tune.search.sample import Categorical, Domain
 
 from artfuse.config import ConfigError, load_config
+from artfuse.pipelines.pause import PAUSED
 from artfuse.pipelines.tune import (
     check_same_search,
     check_space,
@@ -49,6 +50,10 @@ TINY = [
     "tune.max_concurrent_trials=2",
 ]
 N_TRIALS = 4
+# The kill test's search: ASHA's first rung at the last epoch, so it stops no trial. Which trials ASHA stops at an
+# earlier rung depends on the scores, and a search whose every other trial was stopped would have none midway to
+# interrupt (ASHA has its own test).
+KILL_TEST = [*TINY, f"tune.grace_period={EPOCHS}"]
 SEARCH_TIMEOUT_S = 420
 
 
@@ -142,6 +147,7 @@ def test_asha_stops_the_trials_below_the_cutoff_and_the_table_says_so(tmp_path, 
     # rung in the same order every run, so which trials ASHA stops does not depend on timing.
     settings = [*TINY, "tune.max_concurrent_trials=1", "tune.reduction_factor=2", "tune.lr_range=[0.00001,0.01]"]
     cfg = load_config(None, [*settings, f"tune.num_samples={N_TRIALS}"])
+    before = _live_placement_groups()
     report = tune(str(tmp_path / "samples"), str(tmp_path / "search"), cfg)
 
     rows = pq.read_table(tmp_path / "search" / "results.parquet").to_pylist()
@@ -153,9 +159,23 @@ def test_asha_stops_the_trials_below_the_cutoff_and_the_table_says_so(tmp_path, 
     # ASHA stops below the rung's cutoff: a stopped trial never beats every trial that went on.
     assert min(r["val_macro_f1"] for r in stopped) <= max(r["val_macro_f1"] for r in rows if not r["stopped_early"])
 
+    # A stopped trial's Train controller dies with it; Ray Train's own cleaner (a detached actor that watches the
+    # controller through the dashboard's state API) then removes its placement group, giving its CPUs back. It
+    # checks every second: wait for it, then no group of the search may be left.
+    deadline = time.time() + 60
+    while _live_placement_groups() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _live_placement_groups() - before, "a finished search left placement groups holding CPUs"
 
-def _tune_command(data: Path, out: Path) -> list[str]:
-    sets = [arg for item in TINY for arg in ("--set", item)]
+
+def _live_placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"}
+
+
+def _tune_command(data: Path, out: Path, settings: list[str] | tuple[str, ...] = ()) -> list[str]:
+    sets = [arg for item in [*KILL_TEST, *settings] for arg in ("--set", item)]
     return [
         sys.executable,
         "-m",
@@ -225,13 +245,16 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     generate_samples(str(data), n=60, seed=0)
 
     # First run: kill its whole process group (driver and local Ray) once Tune has saved a finished trial and
-    # another trial is midway (it has checkpointed some epochs, not all, and is not finished). Tune saves its
-    # state at most every 10 s by default, about as long as that window lasts here: every second instead, or the
-    # search could end before the window shows.
+    # another trial is midway (it has checkpointed some epochs, not all, and is not finished). The pause point makes
+    # that state certain: the second trial to checkpoint a first epoch blocks there (and every later one), so the
+    # search cannot end, while the first trial goes on to finish. Tune saves its state every second here (10 s by
+    # default), so that the wait for a saved finished trial is short.
+    pause = tmp_path / "pause"
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    pausing = ["pause.point=epoch", "pause.after=2", f"pause.dir={pause}"]
     with log_path.open("w") as log:
         first = subprocess.Popen(
-            _tune_command(data, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            _tune_command(data, out, pausing), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         deadline = time.time() + SEARCH_TIMEOUT_S
         finished: set[str] = set()
@@ -239,7 +262,7 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
         while time.time() < deadline and first.poll() is None:
             finished = {t for t, s in _persisted_statuses(out / "_tune").items() if s == "TERMINATED"}
             midway = {t for t, epoch in _checkpointed_epochs(out / "_trials").items() if epoch < EPOCHS} - finished
-            if finished and midway:
+            if finished and midway and (pause / PAUSED).exists():
                 break
             time.sleep(0.5)
         with contextlib.suppress(ProcessLookupError):  # it may have ended on its own: the asserts below say so
@@ -273,12 +296,8 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     # Resuming from an epoch checkpoint is checked in test_train.py, reporting a finished run above.
     assert all(rows[t]["attempts"] == 1 for t in set(rows) - started_before)
 
-    # Whether ASHA stops a trial here depends on where the kill lands (a trial whose epoch-1 report died with the
-    # first run continues from its checkpoint without being ranked at that rung): the next test checks ASHA.
-    stopped = [r for r in rows.values() if r["stopped_early"]]
-    assert all(r["epochs_run"] < r["epochs"] == 2 for r in stopped)
-    assert all(r["epochs_run"] == 2 for r in rows.values() if r["status"] == "completed")
-    assert report["stopped_early"] == len(stopped) and report["trials"] == N_TRIALS
+    assert all(r["status"] == "completed" and r["epochs_run"] == EPOCHS for r in rows.values())
+    assert report["stopped_early"] == 0 and report["trials"] == N_TRIALS
     for param in ("model.fusion", "model.num_heads", "model.feature_stride", "train.lr", "train.weight_decay"):
         assert all(r[param] is not None for r in rows.values())
     assert (out / "macro_f1_by_param.png").stat().st_size > 0

@@ -22,12 +22,12 @@ from typing import TextIO
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from artfuse.cluster import JOBS
 from artfuse.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-JOBS = ("train", "tune", "label", "evaluate")
 # Never upload environments, history or outputs; .gitignore'd files are skipped by Ray as well.
 RUNTIME_ENV_EXCLUDES = (
     ".venv",
@@ -107,10 +107,12 @@ def enable_token_auth_if_available() -> bool:
     )
     if not has_token:
         return False
+    # Private, and on purpose: Ray caches its config (auth mode included) on first read, and Ray 2.60 has no public
+    # call to re-read it; its own ray.init does exactly this (ray._private.authentication's _enable_token_auth).
     from ray._raylet import Config
 
     os.environ[AUTH_MODE_ENV] = "token"
-    Config.initialize("")  # Ray caches its config (auth mode included) on first read; re-read it, as Ray does
+    Config.initialize("")
     return True
 
 

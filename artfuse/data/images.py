@@ -248,10 +248,15 @@ def _unreadable_kind(data: bytes) -> str | None:
     return None
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (trailing zero padding aside): a cut upload does not."""
+    return b"\xff\xd9" in data[-1024:].rstrip(b"\0")
+
+
 def _looks_truncated(fmt: str, data: bytes) -> bool:
     """Whether `data` ends before its format says it should: tells a cut upload from damaged content."""
     if fmt == "JPEG":
-        return b"\xff\xd9" not in data[-1024:].rstrip(b"\0")  # no end-of-image marker
+        return not jpeg_complete(data)
     if fmt == "PNG":
         return b"IEND" not in data[-64:]
     if fmt == "GIF":

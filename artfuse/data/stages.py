@@ -8,7 +8,6 @@ The decode stages do not import torch: a decode worker stays a few hundred MB li
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -19,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import ray.data
-from PIL import ExifTags, Image
 
 from artfuse.config import StorageConfig
 from artfuse.data import http, images, storage
+from artfuse.data.gpudecode import GPU_JPEG, RAW, gpu_decodable
 from artfuse.data.images import Decoded, decode_image
 
 if TYPE_CHECKING:
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
 
 READ_THREADS = 8  # object-store reads are latency-bound; a few threads per decode task hide it
 READ_AHEAD = 2 * READ_THREADS  # objects read but not yet decoded: bounds a decode task's memory on large scans
-GPU_JPEG = "jpeg"  # `encoding` of a row whose `encoded` bytes are a JPEG left for the GPU to decode
-RAW = "raw"  # `encoding` of a row decoded on CPU: `encoded` holds its size x size x 3 uint8 pixels
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def dataset_from_table(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
@@ -123,23 +119,6 @@ def read_for_gpu_decode(
             encoded[i], encoding[i] = decoded.array.tobytes(), RAW
     out.update(encoded=encoded, encoding=encoding)
     return out
-
-
-def gpu_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
-    """(width, height) when `data` is a JPEG that the GPU decodes as `decode_image` would: complete, RGB or
-    grey, upright (EXIF orientation 1) and at most `max_pixels`; else None. Reads the header only."""
-    # A cut upload has no end-of-image marker: decode_image names it truncated, the GPU would fill it in grey.
-    if not data.startswith(_JPEG_MAGIC) or b"\xff\xd9" not in data[-1024:].rstrip(b"\0"):
-        return None
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
-            if im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
-                return None
-            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                return None
-            return im.size
-    except Exception:  # anything odd goes the CPU way, where decode_image names the problem
-        return None
 
 
 def _described(batch: dict[str, np.ndarray], with_hash: bool) -> dict[str, np.ndarray]:

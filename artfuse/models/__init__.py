@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
-from artfuse.config import ConfigError, ModelConfig
-from artfuse.models.baselines import VIT_ARCH, CnnOnly, TransformerOnly, cnn_only, transformer_only
-from artfuse.models.fusion import FusionNet, MultiTaskModel, fusion_net
+from artfuse.config import ConfigError, ModelConfig, check_model
+from artfuse.models.baselines import VIT_ARCH, CnnOnly, TransformerOnly
+from artfuse.models.fusion import FusionNet, MultiTaskModel
 from artfuse.models.weights import load_backbone_weights, timm_backbone_name
 
 __all__ = [
@@ -23,27 +25,43 @@ __all__ = [
     "load_backbone_weights",
 ]
 
-ARCHS: dict[str, Callable[[ModelConfig, Mapping[str, int]], MultiTaskModel]] = {
-    "fusion": fusion_net,
-    "cnn_only": cnn_only,
-    "transformer_only": transformer_only,
+ARCHS: dict[str, type[MultiTaskModel]] = {
+    "fusion": FusionNet,
+    "cnn_only": CnnOnly,
+    "transformer_only": TransformerOnly,
 }
 
 
-def create_model(
-    cfg: ModelConfig, tasks: Mapping[str, int], *, load_pretrained: bool = True
-) -> MultiTaskModel:
+def model_args(cfg: ModelConfig) -> dict[str, Any]:
+    """The one place a ModelConfig field becomes a constructor argument (timm's names: dropout -> drop_rate);
+    each model takes the arguments its signature names. A new field needs an edit here and in the model using it."""
+    return dict(
+        backbone=timm_backbone_name(cfg),
+        feature_stride=cfg.feature_stride,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        d_model=cfg.d_model,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        fusion=cfg.fusion,
+        drop_rate=cfg.dropout,
+        drop_path_rate=cfg.drop_path,
+        branch_heads=cfg.branch_loss > 0,
+    )
+
+
+def create_model(cfg: ModelConfig, tasks: Mapping[str, int], *, load_pretrained: bool = True) -> MultiTaskModel:
     """The `cfg.arch` model with one head per task (name -> number of classes, in output order).
 
     load_pretrained=False skips the backbone weights, for a state dict that is about to be loaded anyway.
     """
     if cfg.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}; got {cfg.arch!r}")
-    if cfg.d_model % cfg.num_heads:
-        raise ConfigError(
-            f"model.d_model ({cfg.d_model}) must be divisible by model.num_heads ({cfg.num_heads})"
-        )
-    model = ARCHS[cfg.arch](cfg, tasks)
+    check_model(cfg)
+    cls = ARCHS[cfg.arch]
+    takes = inspect.signature(cls).parameters
+    model = cls(tasks=tasks, **{name: value for name, value in model_args(cfg).items() if name in takes})
     if load_pretrained:
         load_backbone_weights(model.backbone, cfg)
     return model

@@ -8,9 +8,8 @@ import timm
 import torch
 from torch import nn
 
-from artfuse.config import ConfigError, ModelConfig
+from artfuse.config import ConfigError
 from artfuse.models.fusion import MultiTaskModel, create_cnn
-from artfuse.models.weights import timm_backbone_name
 
 VIT_ARCH = "vit_small_patch16_224"  # the template for transformer_only; every size argument is overridden
 
@@ -72,21 +71,3 @@ class TransformerOnly(MultiTaskModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, D)
-
-
-def cnn_only(cfg: ModelConfig, tasks: Mapping[str, int]) -> CnnOnly:
-    return CnnOnly(timm_backbone_name(cfg), tasks, drop_rate=cfg.dropout)
-
-
-def transformer_only(cfg: ModelConfig, tasks: Mapping[str, int]) -> TransformerOnly:
-    return TransformerOnly(
-        tasks,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        d_model=cfg.d_model,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        drop_rate=cfg.dropout,
-        drop_path_rate=cfg.drop_path,
-    )

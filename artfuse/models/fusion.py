@@ -22,8 +22,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
-from artfuse.config import ConfigError, ModelConfig
-from artfuse.models.weights import timm_backbone_name
+from artfuse.config import ConfigError
 
 BRANCHES = ("cnn", "transformer")  # FusionNet's branches, in the order forward_branches returns their features
 
@@ -263,24 +262,3 @@ class FusionNet(MultiTaskModel):
             logits |= {f"{branch}.{task}": value for task, value in heads.items()}
         return logits
 
-
-# ----------------------------------------------------------------------------------------------------
-# Builder
-
-
-def fusion_net(cfg: ModelConfig, tasks: Mapping[str, int]) -> FusionNet:
-    """FusionNet from a ModelConfig, without pretrained weights (create_model loads them)."""
-    return FusionNet(
-        timm_backbone_name(cfg),
-        tasks,
-        feature_stride=cfg.feature_stride,
-        img_size=cfg.img_size,
-        d_model=cfg.d_model,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        fusion=cfg.fusion,
-        drop_rate=cfg.dropout,
-        drop_path_rate=cfg.drop_path,
-        branch_heads=cfg.branch_loss > 0,
-    )

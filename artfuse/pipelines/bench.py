@@ -1,7 +1,7 @@
 """`artfuse bench`: on this machine, in one run, the model alone, decode alone and the whole label pipeline.
 
 Figures are images/s plus `ratio` = pipeline / min(model, decode): how close the Ray Data pipeline comes to its
-slowest stage running alone (DESIGN.md, performance model and bench.json). Each stage alone runs where and as
+slowest stage running alone (docs/architecture.md, performance model). Each stage alone runs where and as
 it runs in the pipeline: in Ray workers (same resources, threads and process priority), on the same Ray.
 
 - model alone: `LabelModel.predict` (the label actor's model step: host->device copy, normalise, forward,
@@ -44,7 +44,7 @@ import ray
 import torch
 from PIL import Image
 
-from artfuse.cluster.runtime import ensure_ray
+from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError
 from artfuse.data import storage
 from artfuse.data.gpudecode import decode_jpegs
@@ -56,7 +56,6 @@ from artfuse.pipelines.label import (
     LabelModel,
     actor_resources,
     actor_runtime_env,
-    available_cpus,
     label,
     uses_gpu_decode,
 )
@@ -247,7 +246,7 @@ def write_collection(folder: Path, jpegs: list[bytes], n: int) -> None:
 def decode_alone(jpegs: list[bytes], n: int, size: int) -> float:
     """Images/s of `decode_image` on every CPU: one Ray task per CPU, each timing its share of `n` images
     (`images.bench_decode`, after its bytes arrive); the tasks run side by side, so their rates add up."""
-    workers = available_cpus()
+    workers = node_cpus()
     shares = [[jpegs[i % len(jpegs)] for i in range(w, n, workers)] for w in range(workers)]
     task = ray.remote(num_cpus=1)(bench_decode)
     ray.get([task.remote(share[:1], size) for share in shares])  # start the workers, untimed
@@ -299,7 +298,7 @@ def _synchronize(device: torch.device) -> None:
 
 def machine() -> dict:
     return {
-        "cpus": available_cpus(),
+        "cpus": node_cpus(),
         "cpu": platform.processor() or platform.machine(),
         "hostname": platform.node(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

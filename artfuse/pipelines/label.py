@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import ray.data
 import torch
 
-from artfuse.cluster.runtime import ensure_ray
-from artfuse.config import Config, ConfigError, LabelConfig, StorageConfig
+from artfuse.cluster.runtime import ensure_ray, node_cpus
+from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.iiif import OBJECT_COLUMNS
@@ -37,6 +37,7 @@ from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 from artfuse.pipelines.label_output import KEY, filename_provider, is_own_file, labelled_inputs, output_lock
+from artfuse.pipelines.pause import pause_point
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -133,12 +134,13 @@ class LabelModel:
         labelled_at: datetime,
         gpu_decode: bool = False,
         max_pixels: int = 64_000_000,
+        pause: PauseConfig | None = None,
     ):
         package = load_package(model_uri, storage_config)
         device = pick_device(cfg.num_gpus_per_actor > 0)
         # Ray sets one thread per reserved CPU; a CPU model is the slow stage and decode needs little, so the
         # model may use every core of its node (bench: what this buys on a small machine).
-        self.threads = (cfg.torch_threads or available_cpus()) if device.type == "cpu" else 0
+        self.threads = (cfg.torch_threads or node_cpus()) if device.type == "cpu" else 0
         self.predictor = Predictor(package, device, cpu_bf16=cfg.cpu_bf16)
         self.row_args = dict(
             tasks=package.tasks,
@@ -152,16 +154,13 @@ class LabelModel:
         self.gpu_decode = gpu_decode
         self.resize = package.preprocess.resize
         self.max_pixels = max_pixels
+        self.pause = pause
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ok = stages.decoded_ok(batch["error"])
-        if self.gpu_decode:
-            images = self._decode_on_device(batch, ok)
-            ok = stages.decoded_ok(batch["error"])
-        else:
-            images = batch["image"] if ok.all() else batch["image"][ok]
-        outputs = self.predict(images) if ok.any() else {}
-        return prediction_rows(batch, outputs, **self.row_args)
+        pause_point(self.pause, "batch")  # fault tests only: off by default
+        images, error = self.decode_on_device(batch) if self.gpu_decode else decoded_on_cpu(batch)
+        outputs = self.predict(images) if len(images) else {}
+        return prediction_rows(batch | {"error": error}, outputs, **self.row_args)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The model on decoded images (`Predictor`'s output), with this actor's threads."""
@@ -171,33 +170,28 @@ class LabelModel:
             torch.set_num_threads(self.threads)
         return self.predictor(images, embeddings=self.embeddings)
 
-    def _decode_on_device(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> torch.Tensor:
-        """The ok rows' images on the model's device; rows that fail to decode here get their error in `batch`."""
-        rows = np.flatnonzero(ok)
-        images, errors = gpudecode.to_device(
+    def decode_on_device(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        """GPU decode: the JPEGs the CPU stage only read, decoded on the model's device. Returns the images of the
+        rows that decoded and every row's error (the read stage's, or this decode's)."""
+        error = batch["error"].copy()
+        rows = np.flatnonzero(stages.decoded_ok(error))
+        images, failed = gpudecode.to_device(
             batch["encoded"][rows],
             batch["encoding"][rows],
             self.resize,
             self.predictor.device,
             max_pixels=self.max_pixels,
         )
-        if not errors:
-            return images
-        batch["error"] = batch["error"].copy()
-        for position, error in errors.items():
-            batch["error"][rows[position]] = error
-        keep = [position for position in range(len(rows)) if position not in errors]
-        return images[keep]
+        for position, message in failed.items():
+            error[rows[position]] = message
+        decoded = [position for position in range(len(rows)) if position not in failed]
+        return (images[decoded] if failed else images), error
 
 
-def available_cpus() -> int:
-    """CPUs of this node: as Ray counts them (container limits included) inside Ray, else this process's share."""
-    if ray.is_initialized():
-        here = ray.get_runtime_context().get_node_id()
-        for node in ray.nodes():
-            if node["NodeID"] == here and node["Resources"].get("CPU"):
-                return max(1, int(node["Resources"]["CPU"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def decoded_on_cpu(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """CPU decode: the images the read stage decoded (the rows without an error), and every row's error."""
+    ok = stages.decoded_ok(batch["error"])
+    return (batch["image"] if ok.all() else batch["image"][ok]), batch["error"]
 
 
 def uses_gpu_decode(cfg: LabelConfig) -> bool:
@@ -215,34 +209,15 @@ def prediction_dataset(
     preprocess = Preprocess.from_dict(manifest["preprocess"])
     lc = cfg.label
     gpu_decode = uses_gpu_decode(lc)
-    actor = actor_resources(lc)
-    if actor == dict(num_gpus=0, num_cpus=lc.decode_cpus, memory=DECODE_TASK_MEMORY):
+    if decode_fuses_into_actor(lc):
         raise ConfigError(
             f"label.actor_memory_mb={lc.actor_memory_mb} with label.cpus_per_actor == label.decode_cpus and no GPU "
             "asks for what a decode task asks for: Ray would fuse decode into the model actor; change either"
         )
-    read_kwargs = dict(
-        size=preprocess.resize,
-        max_pixels=cfg.data.max_pixels,
-        max_bytes=cfg.data.max_bytes,
-        storage_config=cfg.storage,
-        with_hash=True,
-    )
-    if not gpu_decode:
-        read_kwargs["niceness"] = lc.decode_niceness
-    if gpu_decode:
-        read_kwargs["gpu_max_pixels"] = lc.gpu_decode_max_pixels
+    read, read_kwargs = read_stage(cfg, preprocess.resize, gpu_decode)
     carried = ["uri", "size", "etag", *(name for name in OBJECT_COLUMNS if name in table.column_names)]
     ds = stages.dataset_from_table(table.select(carried), lc.decode_batch_size)
-    ds = ds.map_batches(
-        stages.read_for_gpu_decode if gpu_decode else stages.read_and_decode,
-        fn_kwargs=read_kwargs,
-        batch_size=lc.decode_batch_size,
-        num_cpus=lc.decode_cpus,
-        # Room for a batch being read and decoded. Asking for other resources than the model actor (checked above)
-        # also keeps Ray from fusing this stage into the actor (DESIGN.md, stage fusion).
-        memory=DECODE_TASK_MEMORY,
-    )
+    ds = ds.map_batches(read, fn_kwargs=read_kwargs, batch_size=lc.decode_batch_size, **decode_resources(lc))
     return ds.map_batches(
         LabelModel,
         fn_constructor_kwargs=dict(
@@ -253,12 +228,39 @@ def prediction_dataset(
             labelled_at=labelled_at,
             gpu_decode=gpu_decode,
             max_pixels=cfg.data.max_pixels,
+            pause=cfg.pause,
         ),
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
         runtime_env=actor_runtime_env(lc),
-        **actor,
+        **actor_resources(lc),
     )
+
+
+def read_stage(cfg: Config, resize: int, gpu_decode: bool) -> tuple[Callable, dict]:
+    """The CPU stage and its arguments: read and decode, or (GPU decode) read only, leaving JPEGs to the actor."""
+    common = dict(
+        size=resize,
+        max_pixels=cfg.data.max_pixels,
+        max_bytes=cfg.data.max_bytes,
+        storage_config=cfg.storage,
+        with_hash=True,
+    )
+    if gpu_decode:
+        return stages.read_for_gpu_decode, common | dict(gpu_max_pixels=cfg.label.gpu_decode_max_pixels)
+    return stages.read_and_decode, common | dict(niceness=cfg.label.decode_niceness)
+
+
+def decode_resources(cfg: LabelConfig) -> dict:
+    """What Ray reserves for each decode task: room for a batch being read and decoded."""
+    return dict(num_cpus=cfg.decode_cpus, memory=DECODE_TASK_MEMORY)
+
+
+def decode_fuses_into_actor(cfg: LabelConfig) -> bool:
+    """Ray Data fuses two consecutive map stages whose resource requests are equal (a missing GPU count is 0): the
+    decode tasks would then run inside the model actor, on its CPUs alone (docs/architecture.md)."""
+    decode, actor = decode_resources(cfg), actor_resources(cfg)
+    return all(decode.get(key, 0) == actor.get(key, 0) for key in decode.keys() | actor.keys())
 
 
 def actor_resources(cfg: LabelConfig) -> dict:

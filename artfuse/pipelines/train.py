@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from timm.utils import ModelEmaV3
 
-from artfuse.cluster.runtime import ensure_ray
+from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, to_dict
 from artfuse.data import corrections, stages, storage
 from artfuse.data.catalog import Collection, load_collection
@@ -38,6 +38,7 @@ from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
 from artfuse.models.fusion import BRANCHES
 from artfuse.models.package import save_package
+from artfuse.pipelines.pause import pause_point
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
 
@@ -178,6 +179,9 @@ def make_trainer(
             preprocess=inputs.preprocess,
             n_train=inputs.n_train,
             class_weights=inputs.class_weights if cfg.train.class_balance == "weighted" else None,
+            # The driver draws the workers' bars; in a log (a RayJob's, CI's) a bar prints a line per update, so
+            # there each epoch is its one metrics line only.
+            progress_bars=sys.stderr.isatty(),
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -351,7 +355,7 @@ def train_loop(config: dict) -> None:
     if device.type == "cpu":
         # Ray pins OMP_NUM_THREADS to the worker's (fractional) CPU reservation, i.e. one thread; the reservation is
         # kept small only so Ray Data can schedule, so let the forward/backward use the node's cores.
-        threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+        threads = cfg.train.torch_threads or max(1, node_cpus() // context.get_local_world_size())
         torch.set_num_threads(threads)
 
     # nanoGPT's habit: `model` is what the step runs (DDP-wrapped when world > 1, maybe compiled), `raw_model` the
@@ -400,7 +404,8 @@ def train_loop(config: dict) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
         )
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") if rank == 0 else None
+        show_bar = rank == 0 and config["progress_bars"]
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") if show_bar else None
         for i, batch in enumerate(batches):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, cfg)
@@ -454,3 +459,5 @@ def train_loop(config: dict) -> None:
                 }
                 save_checkpoint(d, checkpoint)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        if rank == 0 and epoch + 1 < cfg.train.epochs:
+            pause_point(cfg.pause, "epoch")  # fault tests only: off by default

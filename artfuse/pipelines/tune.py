@@ -42,7 +42,6 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain
 
 from artfuse.cluster.runtime import ensure_ray
-from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
 from artfuse.data import storage
 from artfuse.pipelines.train import TrainInputs, export_package, make_trainer, prepare_inputs
@@ -56,7 +55,7 @@ METRIC = "val_macro_f1"
 # one-CPU tasks short of a whole core on a small node.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 128 * 1024**2}
 # On a fixed-size (local) cluster, concurrent trials must leave this many CPUs to Ray Data, or its augment
-# stage never gets scheduled and every trial hangs (DESIGN.md, CPU starvation).
+# stage never gets scheduled and every trial hangs (docs/architecture.md, CPU starvation).
 DATA_RESERVED_CPUS = 1.0
 
 SEARCH_SECTIONS = ("model", "data", "train", "tune")  # what a resumed search must be run with again
@@ -190,8 +189,7 @@ def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str)
         # a queue actor, which Tune stops reading once the function returns) and the trial could end resultless.
         ray_tune.report(finished)
         return
-    callbacks = [TuneReportCallback(), RecordPlacementGroup(record_uri(runs_uri, trial_id), cfg.storage)]
-    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
+    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=[TuneReportCallback()]).fit()
 
 
 def finished_run_metrics(run_uri: str, cfg: Config) -> dict | None:
@@ -241,13 +239,12 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
         log.info("resuming the search in %s", experiment_uri)
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
+        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs)
     searching = time.time()
     grid = tuner.fit()
     searched_s = time.time() - searching
 
     rows = trial_rows(grid, base, runs_uri)
-    release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
     summary = write_outputs(rows, inputs, cfg, base, out_uri, runs_uri)
     summary |= {
         "resumed": resuming,
@@ -260,9 +257,7 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
     return summary
 
 
-def new_tuner(
-    trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any, runs_uri: str
-) -> ray_tune.Tuner:
+def new_tuner(trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any) -> ray_tune.Tuner:
     t = cfg.tune
     return ray_tune.Tuner(
         trainable,
@@ -285,7 +280,6 @@ def new_tuner(
             name=Path(experiment_path).name,
             storage_path=Path(experiment_path).parent.as_posix(),
             storage_filesystem=fs,
-            callbacks=[ReleasePlacementGroups(runs_uri, cfg.storage)],
             verbose=1,
         ),
     )

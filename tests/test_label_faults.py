@@ -28,8 +28,9 @@ from artfuse.pipelines.pause import PAUSED, RELEASE
 pytestmark = pytest.mark.slow
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
-# small batches and files, so that a run is many files and there is a middle to interrupt
-SMALL_STEPS = ["label.batch_size=8", "label.decode_batch_size=8", "label.rows_per_file=8"]
+# Small batches and files, so that a run is many files and there is a middle to interrupt. The tiny model needs a
+# sliver of the actor's default 4 GB reservation, and Ray would not place the actor on a node with less free.
+SMALL_STEPS = ["label.batch_size=8", "label.decode_batch_size=8", "label.rows_per_file=8", "label.actor_memory_mb=0"]
 SMALL = (96, 160)
 
 

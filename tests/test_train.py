@@ -51,10 +51,10 @@ def registered_epochs(out: Path) -> set[int]:
         return set()
 
 
-def paused_at(out: Path, pause_dir: Path, epoch: int, running=lambda: True, timeout: float = 300) -> bool:
-    """Wait until the run blocks at its pause point with `epoch`'s checkpoint registered (it cannot finish first)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and running():
+def paused_at(out: Path, pause_dir: Path, epoch: int, running) -> bool:
+    """Wait while the run is `running()` until it blocks at its pause point with `epoch`'s checkpoint registered
+    (it cannot finish first, so no deadline races it; pytest's own timeout ends a run that never gets there)."""
+    while running():
         if (pause_dir / PAUSED).exists() and epoch in registered_epochs(out):
             return True
         time.sleep(0.2)
@@ -65,9 +65,9 @@ def pause_after_epoch(pause_dir: Path, epoch: int) -> list[str]:
     return ["pause.point=epoch", f"pause.after={epoch}", f"pause.dir={pause_dir}"]
 
 
-def kill_one_worker_when_paused(out: Path, pause_dir: Path, killed: list[int]) -> None:
+def kill_one_worker_when_paused(out: Path, pause_dir: Path, killed: list[int], training: threading.Event) -> None:
     try:
-        if not paused_at(out, pause_dir, epoch=1):
+        if not paused_at(out, pause_dir, epoch=1, running=training.is_set):
             return
         # Only this test's cluster: its Ray processes descend from this (pytest) process.
         for proc in psutil.Process().children(recursive=True):
@@ -84,11 +84,17 @@ def test_killed_worker_is_replaced_from_last_checkpoint(samples, tmp_path, ray_l
     cfg = load_config(
         None, [*TINY, "train.epochs=4", "train.num_workers=2", "train.max_failures=2", *pause_after_epoch(pause_dir, 1)]
     )
+    pause_dir.mkdir()
     killed: list[int] = []
-    killer = threading.Thread(target=kill_one_worker_when_paused, args=(out, pause_dir, killed), daemon=True)
+    training = threading.Event()
+    training.set()
+    killer = threading.Thread(target=kill_one_worker_when_paused, args=(out, pause_dir, killed, training), daemon=True)
     killer.start()
-    summary = train(str(samples), str(out), cfg)
-    killer.join(timeout=5)
+    try:
+        summary = train(str(samples), str(out), cfg)
+    finally:
+        training.clear()
+        killer.join(timeout=5)
 
     assert killed, "no training worker was found to kill"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE

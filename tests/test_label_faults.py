@@ -96,7 +96,9 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
     kept_rows -= pq.read_metadata(torn).num_rows
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
 
-    report = label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS]))
+    dead = json.loads((out / "_lock.json").read_text())["run_id"]  # the killed run still holds the output's lock
+    rerun = load_config(None, [*TINY, *SMALL_STEPS, f"label.break_lock={dead}"])
+    report = label(str(model), str(collection), str(out), rerun)
     assert not torn.exists(), "the torn file must be set aside, its inputs labelled again"
     assert str(torn) in [moved["file"] for moved in report["set_aside"]]
     assert (report["listed"], report["skipped"]) == (240, kept_rows)

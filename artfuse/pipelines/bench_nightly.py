@@ -264,7 +264,8 @@ def write_previous_nights(output: str, objects: pa.Table, cfg: Config) -> dict:
             ),
             "error": pa.nulls(k, pa.string()),
         }
-        table = pa.table([columns[f.name] for f in schema], schema=schema)
+        # columns the bench has no value for (a IIIF object's, say) are null, as the job leaves them
+        table = pa.table([columns.get(f.name, pa.nulls(k, f.type)) for f in schema], schema=schema)
         path = f"{root}/run_date={date}/bench-{start // per_file:07d}.parquet"
         fs.create_dir(os.path.dirname(path), recursive=True)
         pq.write_table(table, path, filesystem=fs)

@@ -23,6 +23,7 @@ from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import label, read_output
+from artfuse.pipelines.label_output import OutputLocked
 from artfuse.pipelines.pause import PAUSED, RELEASE
 
 pytestmark = pytest.mark.slow
@@ -96,9 +97,13 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
     kept_rows -= pq.read_metadata(torn).num_rows
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
 
-    dead = json.loads((out / "_lock.json").read_text())["run_id"]  # the killed run still holds the output's lock
-    rerun = load_config(None, [*TINY, *SMALL_STEPS, f"label.break_lock={dead}"])
-    report = label(str(model), str(collection), str(out), rerun)
+    # The killed run left its lock: the rerun is told that run is dead, as README's Guarantees say to do.
+    dead = json.loads((out / "_lock.json").read_text())["run_id"]
+    with pytest.raises(OutputLocked, match=f"label.break_lock={dead}"):
+        label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS]))
+    cfg = load_config(None, [*TINY, *SMALL_STEPS, f"label.break_lock={dead}"])
+    report = label(str(model), str(collection), str(out), cfg)
+    assert report["lock_taken_over_from"]["run_id"] == dead and not (out / "_lock.json").exists()
     assert not torn.exists(), "the torn file must be set aside, its inputs labelled again"
     assert str(torn) in [moved["file"] for moved in report["set_aside"]]
     assert (report["listed"], report["skipped"]) == (240, kept_rows)

@@ -42,6 +42,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain
 
 from artfuse.cluster.runtime import ensure_ray
+from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
 from artfuse.data import storage
 from artfuse.pipelines.train import TrainInputs, export_package, make_trainer, prepare_inputs
@@ -189,7 +190,8 @@ def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str)
         # a queue actor, which Tune stops reading once the function returns) and the trial could end resultless.
         ray_tune.report(finished)
         return
-    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+    callbacks = [TuneReportCallback(), RecordPlacementGroup(record_uri(runs_uri, trial_id), cfg.storage)]
+    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
 
 
 def finished_run_metrics(run_uri: str, cfg: Config) -> dict | None:
@@ -239,12 +241,13 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
         log.info("resuming the search in %s", experiment_uri)
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs)
+        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
     searching = time.time()
     grid = tuner.fit()
     searched_s = time.time() - searching
 
     rows = trial_rows(grid, base, runs_uri)
+    release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
     summary = write_outputs(rows, inputs, cfg, base, out_uri, runs_uri)
     summary |= {
         "resumed": resuming,
@@ -257,7 +260,9 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
     return summary
 
 
-def new_tuner(trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any) -> ray_tune.Tuner:
+def new_tuner(
+    trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any, runs_uri: str
+) -> ray_tune.Tuner:
     t = cfg.tune
     return ray_tune.Tuner(
         trainable,
@@ -280,6 +285,7 @@ def new_tuner(trainable: Any, cfg: Config, concurrency: int, experiment_path: st
             name=Path(experiment_path).name,
             storage_path=Path(experiment_path).parent.as_posix(),
             storage_filesystem=fs,
+            callbacks=[ReleasePlacementGroups(runs_uri, cfg.storage)],
             verbose=1,
         ),
     )

@@ -31,16 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from PIL import Image
 
 from artfuse.config import Config, ConfigError
 from artfuse.data import storage
-from artfuse.data.images import decode_image
+from artfuse.data.images import preview_jpeg
 from artfuse.pipelines.label_output import is_own_file
 from artfuse.reporting.plots import plot_label_shift, plot_score_histogram
 
 log = logging.getLogger(__name__)
-THUMBNAIL_PX = 112  # side of a thumbnail (square, centre-cropped), JPEG at THUMBNAIL_QUALITY: about 3-5 KB
+THUMBNAIL_PX = 112  # longest side of a thumbnail (the whole image, as the review page shows it): about 3-5 KB
 THUMBNAIL_QUALITY = 70
 MAX_REVIEW_CARDS = 60  # review-queue thumbnails: the least confident rows
 MAX_EXAMPLES = 5  # example URIs per error reason
@@ -290,12 +289,10 @@ def thumbnail(uri: str, cfg: Config) -> str | None:
     except Exception as e:  # noqa: BLE001 - an object gone since labelling costs its thumbnail, not the report
         log.warning("no thumbnail for %s: %s", uri, e)
         return None
-    decoded = decode_image(data, THUMBNAIL_PX, max_pixels=cfg.data.max_pixels)
-    if not decoded.ok:
+    jpeg = preview_jpeg(data, THUMBNAIL_PX, max_pixels=cfg.data.max_pixels, quality=THUMBNAIL_QUALITY)
+    if jpeg is None:
         return None
-    buffer = io.BytesIO()
-    Image.fromarray(decoded.array).save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def png_data_uri(plot, *args) -> str:

@@ -27,7 +27,7 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check artfuse tests jobs scripts
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check artfuse tests jobs scripts

@@ -9,6 +9,7 @@ never logged. Filesystem instances are cached by fsspec itself, per process, so 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import posixpath
@@ -260,9 +261,17 @@ def read_versioned(uri: str, storage: StorageConfig | None = None) -> tuple[byte
     fs, path = resolve(uri, storage)
     if uri.startswith(S3_PREFIX):
 
+        bucket, _, key = path.partition("/")
+
         def read() -> tuple[bytes, str]:
-            with fs.open(path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw: content and version agree
-                return f.read(), f.details["ETag"]
+            # One GetObject: its body and ETag belong together (a stat then a read could straddle a replacement).
+            try:
+                got = _s3_client(storage).get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise FileNotFoundError(uri) from e
+                raise
+            return got["Body"].read(), got["ETag"]
 
         return patiently(read, uri, storage)
     with open(path, "rb") as f:
@@ -272,8 +281,7 @@ def read_versioned(uri: str, storage: StorageConfig | None = None) -> tuple[byte
 
 def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageConfig | None = None) -> None:
     """Replace `uri` with `data` only if it is still at `version` (`read_versioned`); raises FileExistsError if
-    it changed or went. On S3 a PutObject If-Match; locally the old file is renamed away (atomic), checked, and
-    the new one created with O_EXCL, so that a concurrent `create_new` or replacement cannot be overwritten."""
+    it changed or went. On S3 a PutObject If-Match; locally a check and os.replace under a flock."""
     fs, path = resolve(uri, storage)
     if uri.startswith(S3_PREFIX):
         try:
@@ -281,18 +289,23 @@ def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageCo
         except (FileNotFoundError, OSError) as e:
             raise FileExistsError(f"{uri} changed since it was read") from e
         return
-    moved = f"{path}.{uuid.uuid4().hex}.replaced"
+    # Locally there is no conditional rename, so replacements take turns under an exclusive flock on the folder,
+    # and the new file comes in with os.replace: the path is never absent, so a concurrent create_new still fails.
+    folder = os.open(posixpath.dirname(path), os.O_RDONLY)
     try:
-        os.rename(path, moved)
-    except FileNotFoundError as e:
-        raise FileExistsError(f"{uri} went since it was read") from e
-    found = os.stat(moved)
-    if f"{found.st_ino}-{found.st_mtime_ns}" != version:  # not the file we read: put it back untouched
-        os.link(moved, path)
-        os.unlink(moved)
-        raise FileExistsError(f"{uri} changed since it was read")
-    os.unlink(moved)
-    create_new(uri, data, storage)
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        try:
+            found = os.stat(path)
+        except FileNotFoundError as e:
+            raise FileExistsError(f"{uri} went since it was read") from e
+        if f"{found.st_ino}-{found.st_mtime_ns}" != version:
+            raise FileExistsError(f"{uri} changed since it was read")
+        incoming = f"{path}.{uuid.uuid4().hex}.incoming"
+        with open(incoming, "wb") as f:
+            f.write(data)
+        os.replace(incoming, path)
+    finally:
+        os.close(folder)  # releases the flock
 
 
 def remove(uri: str, storage: StorageConfig | None = None) -> None:

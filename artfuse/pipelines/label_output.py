@@ -154,7 +154,12 @@ def output_lock(
     try:
         storage.create_new(uri, data, storage_config)
     except FileExistsError:
-        held, version = storage.read_versioned(uri, storage_config)
+        try:
+            held, version = storage.read_versioned(uri, storage_config)
+        except FileNotFoundError:  # its holder released it a moment ago: start again
+            with output_lock(out_uri, storage_config, run_id) as taken_over:
+                yield taken_over
+            return
         holder = json.loads(held)
         if not break_lock or holder.get("run_id") != break_lock:
             raise OutputLocked(

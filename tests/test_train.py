@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from artfuse.config import load_config
+from artfuse.config import ConfigError, load_config
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.pause import PAUSED, RELEASE
-from artfuse.pipelines.train import train
+from artfuse.pipelines.train import load_checkpoint, train
 
 pytestmark = pytest.mark.slow
 TINY = [
@@ -148,3 +148,11 @@ def test_a_worker_with_an_empty_shard_still_reports_its_epochs(samples, tmp_path
     summary = train(str(manifest), str(tmp_path / "model"), cfg)
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and summary["n_train"] == 1
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_by_name(tmp_path):
+    """Checkpoints were once three files (weights, optimiser, state); resuming one says so instead of a bare
+    FileNotFoundError from inside a Ray Train worker."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"{tmp_path} holds no checkpoint.pt.*new --out"):
+        load_checkpoint(tmp_path)

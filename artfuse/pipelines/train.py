@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from timm.utils import ModelEmaV3
 
 from artfuse.cluster.runtime import ensure_ray, node_cpus
-from artfuse.config import Config, to_dict
+from artfuse.config import Config, ConfigError, to_dict
 from artfuse.data import corrections, stages, storage
 from artfuse.data.catalog import Collection, load_collection
 from artfuse.data.preprocess import Preprocess
@@ -332,7 +332,14 @@ def save_checkpoint(directory: str | Path, checkpoint: dict) -> None:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> dict:
-    return torch.load(Path(directory) / CHECKPOINT, map_location=device, weights_only=True)
+    path = Path(directory) / CHECKPOINT
+    if not path.exists():
+        raise ConfigError(
+            f"{directory} holds no {CHECKPOINT}: a checkpoint written before artfuse kept each in one file "
+            "(model.safetensors, optimizer.pt, state.json) cannot be resumed by this version. Train again with a new "
+            "--out, or delete the old one's _train/ folder"
+        )
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def packaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:

@@ -335,9 +335,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     path = Path(directory) / CHECKPOINT
     if not path.exists():
         raise ConfigError(
-            f"{directory} holds no {CHECKPOINT}: a checkpoint written before artfuse kept each in one file "
-            "(model.safetensors, optimizer.pt, state.json) cannot be resumed by this version. Train again with a new "
-            "--out, or delete the old one's _train/ folder"
+            f"{directory} holds no {CHECKPOINT}: it is a checkpoint of the older three-file format (model.safetensors, "
+            "optimizer.pt, state.json), which this version cannot resume. Train again with a new --out, or delete "
+            "the old one's _train/ folder"
         )
     return torch.load(path, map_location=device, weights_only=True)
 

@@ -31,6 +31,9 @@ class ModelConfig:
     feature_stride: int = (
         32  # CNN stage that feeds the tokens: 16 (196 tokens at 224 px) or 32 (49 tokens, faster on CPU)
     )
+    # The CNN's layers up to its stage at this stride keep their pretrained weights and BatchNorm statistics (steadier
+    # on small sets, and training skips their backward pass); 0 trains them all. Needs pretrained CNN weights.
+    freeze_stride: int = 0
     img_size: int = 288  # square input side in pixels (paintings: 288 beat 224 by 4 points on western-genre)
     d_model: int = 192  # Transformer width
     depth: int = 2  # Transformer encoder layers
@@ -116,6 +119,9 @@ class LabelConfig:
     # bf16 autocast in a CPU model actor: on a CPU with native bf16 (AVX512-BF16 or AMX) much faster (2-core Zen 5
     # bench: model 163 vs about 91 img/s), slower on others. GPU actors always run bf16.
     cpu_bf16: bool = False
+    # Test-time augmentation: flip = also run each image's mirror image and average the logits (twice the model
+    # compute per image); none = the image alone. Evaluate and label both read it.
+    tta: str = "none"
     topk: int = 3  # labels per task in <task>_topk
     # needs_review when a task's top score is below this: auto = the package's threshold per task (fitted on the
     # validation split to reach target_accuracy; 0.5 for a package without one), or one number for every task
@@ -185,8 +191,10 @@ CHOICES = {
     "model.arch": ("fusion", "cnn_only", "transformer_only"),
     "model.fusion": ("concat", "gated", "cross_attention"),
     "model.feature_stride": (8, 16, 32),
+    "model.freeze_stride": (0, 2, 4, 8, 16, 32),
     "train.class_balance": ("weighted", "none"),
     "pause.point": ("", "epoch", "batch"),
+    "label.tta": ("none", "flip"),
 }
 
 

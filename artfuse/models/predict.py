@@ -15,10 +15,12 @@ import sys
 import numpy as np
 import torch
 
+from artfuse.config import CHOICES, ConfigError
 from artfuse.models.calibration import temperatures
 from artfuse.models.package import Package
 
 log = logging.getLogger(__name__)
+TTA_MODES = CHOICES["label.tta"]
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -64,8 +66,17 @@ def keep_freed_memory() -> None:
 
 class Predictor:
     def __init__(
-        self, package: Package, device: torch.device | str = "cpu", *, compile: bool = False, cpu_bf16: bool = False
+        self,
+        package: Package,
+        device: torch.device | str = "cpu",
+        *,
+        compile: bool = False,
+        cpu_bf16: bool = False,
+        tta: str = "none",
     ):
+        if tta not in TTA_MODES:
+            raise ConfigError(f"label.tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+        self.tta = tta
         self.package = package
         self.device = torch.device(device)
         self.cpu_bf16 = cpu_bf16 and self.device.type == "cpu"
@@ -112,6 +123,10 @@ class Predictor:
         x = self.package.preprocess.to_tensor(images, self.device)
         with self._autocast():
             features, logits = self._forward(x)
+            if self.tta == "flip":  # the mirror image too: average the two embeddings and logits (2x the compute)
+                flipped_features, flipped_logits = self._forward(x.flip(3))
+                features = (features + flipped_features) / 2
+                logits = {task: (logits[task] + flipped_logits[task]) / 2 for task in logits}
         out = {
             task: torch.softmax(logits[task].float() / self.temperatures[task], dim=1).cpu().numpy()
             for task in self.tasks

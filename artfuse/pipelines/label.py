@@ -141,7 +141,7 @@ class LabelModel:
         # Ray sets one thread per reserved CPU; a CPU model is the slow stage and decode needs little, so the
         # model may use every core of its node (bench: what this buys on a small machine).
         self.threads = (cfg.torch_threads or node_cpus()) if device.type == "cpu" else 0
-        self.predictor = Predictor(package, device, cpu_bf16=cfg.cpu_bf16)
+        self.predictor = Predictor(package, device, cpu_bf16=cfg.cpu_bf16, tta=cfg.tta)
         self.row_args = dict(
             tasks=package.tasks,
             cfg=cfg,

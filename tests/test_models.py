@@ -1,3 +1,4 @@
+import json
 import sys
 import types
 from dataclasses import replace
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 
 from artfuse.config import ConfigError, ModelConfig, load_config
 from artfuse.models import create_model, data_config, load_backbone_weights
+from artfuse.models.package import MANIFEST, load_package
+from artfuse.pipelines.bench import save_untrained_package
 
 TASKS = {"artist": 3, "style": 2}
 TINY = ModelConfig(pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16)
@@ -202,8 +205,8 @@ def test_backbone_weights_round_trip_through_safetensors(tmp_path):
     path = tmp_path / "backbone.safetensors"
     save_file(source.backbone.state_dict(), str(path))
     loaded = create_model(replace(TINY, pretrained=f"file://{path}"), TASKS)
-    for name, tensor in source.backbone.state_dict().items():
-        assert torch.equal(loaded.backbone.state_dict()[name], tensor), name
+    for name, tensor in loaded.backbone.state_dict().items():  # frozen BatchNorm (freeze_stride) has no step counter
+        assert torch.equal(source.backbone.state_dict()[name], tensor), name
 
 
 def test_whole_model_torch_file_fills_only_the_backbone(tmp_path):
@@ -304,3 +307,19 @@ def test_lite1_and_lite2_weights_come_from_their_offline_packages(monkeypatch, t
             replace(TINY, backbone=f"efficientnet_lite{n}", pretrained="imagenet", arch="cnn_only"), TASKS
         )
         torch.testing.assert_close(model.backbone.conv_head.weight, state["conv_head.weight"], rtol=0, atol=0)
+
+
+def test_a_package_from_before_freeze_stride_loads_with_every_layer_trainable(tmp_path):
+    weights = tmp_path / "backbone.safetensors"
+    save_file(create_model(replace(TINY, arch="cnn_only"), TASKS).backbone.state_dict(), str(weights))
+    cfg = load_config(None, ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.freeze_stride=0"])
+    cfg.model.pretrained = str(weights)
+    uri = save_untrained_package(str(tmp_path / "old"), cfg, TASKS)
+    manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    del manifest["architecture"]["freeze_stride"]  # as written before the setting existed
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(manifest))
+
+    package = load_package(uri)
+    assert package.model_config.freeze_stride == 0
+    assert all(p.requires_grad for p in package.model.parameters())
+    assert load_config().model.freeze_stride == 16  # what new trainings get

@@ -118,7 +118,9 @@ def read_manifest(uri: str, storage_config=None) -> dict:
 def load_package(uri: str, storage_config=None, device: str | torch.device = "cpu") -> Package:
     """Rebuild the model from `artfuse.json` and load its weights (safetensors: tensors only, no code)."""
     manifest = read_manifest(uri, storage_config)
-    model_config = from_dict(ModelConfig, manifest["architecture"], "architecture.")
+    # Packages from before model.freeze_stride trained every layer (their weights keep every BatchNorm's counter).
+    architecture = {"freeze_stride": 0} | manifest["architecture"]
+    model_config = from_dict(ModelConfig, architecture, "architecture.")
     tasks = {task: list(labels) for task, labels in manifest["tasks"].items()}
     model = create_model(model_config, {t: len(v) for t, v in tasks.items()}, load_pretrained=False)
     state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS), storage_config))

@@ -213,8 +213,9 @@ def to_markdown(summary: dict) -> str:
         "",
         f"Split seed {d['seed']} (val {d['val_fraction']}, test {d['test_fraction']}), the same for every run; "
         f"{t['epochs']} epochs, batch {t['batch_size']}, {m['img_size']} px, backbone {m['backbone']} "
-        f"({m['pretrained']}), fusion {m['fusion']}, d_model {m['d_model']}, depth {m['depth']}, branch_loss "
-        f"{m['branch_loss']}. Best epoch chosen on val; figures from the {' / '.join(splits)} split, mean ± sample "
+        f"({m['pretrained']}, frozen to stride {m['freeze_stride']}), fusion {m['fusion']}, d_model {m['d_model']}, "
+        f"depth {m['depth']}, branch_loss {m['branch_loss']}. Best epoch chosen on val; figures from the "
+        f"{' / '.join(splits)} split, mean ± sample "
         f"std over the seeds. {summary['minutes_total']} min of training in all.",
         "",
     ]

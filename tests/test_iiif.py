@@ -57,26 +57,24 @@ class Museum(BaseHTTPRequestHandler):
             self.seen[self.path] += 1
             Museum.active += 1
             Museum.peak = max(Museum.peak, Museum.active)
-        try:
-            if self.path.startswith("/slow/"):
-                time.sleep(0.05)
-            if self.path in self.documents:
-                self._answer(200, self.documents[self.path], "application/json")
-            elif self.path.startswith("/flaky/") and self.seen[self.path] <= 2:
-                self._answer(503, b"busy", "text/plain")
-            elif self.path.startswith(("/flaky/", "/slow/")):
-                self._answer(200, picture(0, (64, 48)), "image/jpeg")
-            elif self.path.startswith("/page/"):
-                self._answer(200, b"<html>a login page, not an image</html>", "text/html")
-            elif self.path.startswith("/big/"):
-                self._answer(200, b"\xff" * 5000, "image/jpeg")
-            elif self.path.startswith("/gone/"):
-                self._answer(404, b"no such image", "text/plain")
-            else:
-                self._answer(500, b"internal error", "text/plain")
-        finally:
-            with self.lock:
-                Museum.active -= 1
+        if self.path.startswith("/slow/"):
+            time.sleep(0.05)
+        with self.lock:  # before answering: a client that has its answer may send its next request at once
+            Museum.active -= 1
+        if self.path in self.documents:
+            self._answer(200, self.documents[self.path], "application/json")
+        elif self.path.startswith("/flaky/") and self.seen[self.path] <= 2:
+            self._answer(503, b"busy", "text/plain")
+        elif self.path.startswith(("/flaky/", "/slow/")):
+            self._answer(200, picture(0, (64, 48)), "image/jpeg")
+        elif self.path.startswith("/page/"):
+            self._answer(200, b"<html>a login page, not an image</html>", "text/html")
+        elif self.path.startswith("/big/"):
+            self._answer(200, b"\xff" * 5000, "image/jpeg")
+        elif self.path.startswith("/gone/"):
+            self._answer(404, b"no such image", "text/plain")
+        else:
+            self._answer(500, b"internal error", "text/plain")
 
     def _answer(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)

@@ -64,8 +64,9 @@ def create_model(cfg: ModelConfig, tasks: Mapping[str, int], *, load_pretrained:
     model = cls(tasks=tasks, **{name: value for name, value in model_args(cfg).items() if name in takes})
     if load_pretrained:
         load_backbone_weights(model.backbone, cfg)
-    if frozen_stride(cfg):  # after loading: frozen BatchNorm copies the statistics it finds
-        freeze_through_stride(model.backbone, timm_backbone_name(cfg), cfg.freeze_stride)
+    stride = frozen_stride(cfg)
+    if stride:  # after loading: frozen BatchNorm copies the statistics it finds
+        freeze_through_stride(model.backbone, timm_backbone_name(cfg), stride)
     return model
 
 

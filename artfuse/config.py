@@ -86,6 +86,11 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.01
     label_smoothing: float = 0.1
+    # Mixup / CutMix: each training image is blended with (mixup) or gets a box of (CutMix) another image of its
+    # batch, and its loss is shared between the two labels. The Beta(alpha, alpha) of the mixing share; 0 = off.
+    # Both on: each batch uses one of them, half the time each.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     class_balance: str = "weighted"  # weighted (inverse-frequency loss weights) | none
     ema_decay: float = 0.998  # validate and package an EMA of the weights (warmed up over the steps); 0 disables
     grad_clip: float = 1.0  # max gradient norm; 0 disables
@@ -282,6 +287,9 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "num_workers"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(cfg.train, name) < 0:
+            raise ConfigError(f"train.{name} must be 0 (off) or more; got {getattr(cfg.train, name)}")
     if cfg.label.batch_size < 1 or cfg.label.topk < 1:
         raise ConfigError("label.batch_size and label.topk must be at least 1")
     if not 1 <= cfg.label.min_actors <= cfg.label.max_actors:

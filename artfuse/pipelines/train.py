@@ -33,6 +33,7 @@ from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, to_dict
 from artfuse.data import corrections, stages, storage
 from artfuse.data.catalog import Collection, load_collection
+from artfuse.data.mixing import mix_batch, mixed_loss
 from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
@@ -391,6 +392,7 @@ def train_loop(config: dict) -> None:
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    mixing = np.random.default_rng([cfg.train.seed, rank])
 
     start_epoch, history = 0, []
     if ray.train.get_checkpoint():
@@ -418,14 +420,18 @@ def train_loop(config: dict) -> None:
             lr = lr_at(step, total_steps, warmup_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x = preprocess.to_tensor(batch["image"], device)
+            x, lam = mix_batch(
+                preprocess.to_tensor(batch["image"], device), cfg.train.mixup_alpha, cfg.train.cutmix_alpha, mixing
+            )
+            targets = {t: batch[label_column(t)].to(device) for t in vocabs}
             with autocast:
                 logits = model(x, branch_logits=True) if branch_loss else model(x)
-                targets = {t: batch[label_column(t)].to(device) for t in vocabs}
-                loss = sum(losses[t](logits[t].float(), targets[t]) for t in vocabs)
+                loss = sum(mixed_loss(losses[t], logits[t].float(), targets[t], lam) for t in vocabs)
                 if branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
                     loss = loss + branch_loss * sum(
-                        losses[t](logits[f"{branch}.{t}"].float(), targets[t]) for branch in BRANCHES for t in vocabs
+                        mixed_loss(losses[t], logits[f"{branch}.{t}"].float(), targets[t], lam)
+                        for branch in BRANCHES
+                        for t in vocabs
                     )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

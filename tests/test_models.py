@@ -259,7 +259,7 @@ def test_branch_heads_give_each_branch_logits_and_gradients_but_not_predictions(
     model.zero_grad()
     model(x, branch_logits=True)["cnn.artist"].sum().backward()
     assert model.backbone.conv_stem.weight.grad.any() and model.blocks[0].attn.qkv.weight.grad is None
-    plain = create_model(TINY, TASKS)
+    plain = create_model(replace(TINY, branch_loss=0.0), TASKS)
     assert plain.branch_heads is None and list(plain(x, branch_logits=True)) == list(TASKS)
     assert "branch_heads" not in str(create_model(replace(TINY, arch="cnn_only", branch_loss=0.3), TASKS))
 
@@ -318,17 +318,20 @@ def test_lite1_and_lite2_weights_come_from_their_offline_packages(monkeypatch, t
         torch.testing.assert_close(model.backbone.conv_head.weight, state["conv_head.weight"], rtol=0, atol=0)
 
 
-def test_a_package_from_before_freeze_stride_loads_with_every_layer_trainable(tmp_path):
+def test_a_package_from_before_freeze_stride_and_branch_loss_loads_as_it_was_trained(tmp_path):
     weights = tmp_path / "backbone.safetensors"
     save_file(create_model(replace(TINY, arch="cnn_only"), TASKS).backbone.state_dict(), str(weights))
-    cfg = load_config(None, ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.freeze_stride=0"])
+    old = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.freeze_stride=0", "model.branch_loss=0"]
+    cfg = load_config(None, old)
     cfg.model.pretrained = str(weights)
     uri = save_untrained_package(str(tmp_path / "old"), cfg, TASKS)
     manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())
-    del manifest["architecture"]["freeze_stride"]  # as written before the setting existed
+    for key in ("freeze_stride", "branch_loss"):  # as written before the settings existed
+        del manifest["architecture"][key]
     (tmp_path / "old" / MANIFEST).write_text(json.dumps(manifest))
 
     package = load_package(uri)
-    assert package.model_config.freeze_stride == 0
-    assert all(p.requires_grad for p in package.model.parameters())
-    assert load_config().model.freeze_stride == 16  # what new trainings get
+    assert package.model_config.freeze_stride == 0 and package.model_config.branch_loss == 0
+    assert all(p.requires_grad for p in package.model.parameters()) and package.model.branch_heads is None
+    new = load_config().model  # what new trainings get
+    assert new.freeze_stride == 16 and new.branch_loss == 0.3

@@ -118,8 +118,9 @@ def read_manifest(uri: str, storage_config=None) -> dict:
 def load_package(uri: str, storage_config=None, device: str | torch.device = "cpu") -> Package:
     """Rebuild the model from `artfuse.json` and load its weights (safetensors: tensors only, no code)."""
     manifest = read_manifest(uri, storage_config)
-    # Packages from before model.freeze_stride trained every layer (their weights keep every BatchNorm's counter).
-    architecture = {"freeze_stride": 0} | manifest["architecture"]
+    # Packages from before model.freeze_stride trained every layer (their weights keep every BatchNorm's counter), and
+    # those from before model.branch_loss have no branch heads.
+    architecture = {"freeze_stride": 0, "branch_loss": 0.0} | manifest["architecture"]
     model_config = from_dict(ModelConfig, architecture, "architecture.")
     tasks = {task: list(labels) for task, labels in manifest["tasks"].items()}
     model = create_model(model_config, {t: len(v) for t, v in tasks.items()}, load_pretrained=False)

@@ -40,7 +40,7 @@ class ModelConfig:
     depth: int = 2  # Transformer encoder layers
     num_heads: int = 4  # attention heads
     mlp_ratio: float = 4.0  # Transformer MLP hidden size / d_model
-    fusion: str = "concat"  # concat | concat_linear | gated | cross_attention (models/fusion.py)
+    fusion: str = "concat"  # concat | gated | cross_attention
     dropout: float = 0.1  # dropout before the heads and inside the Transformer
     drop_path: float = 0.0  # stochastic depth in the Transformer
     patch_size: int = 16  # transformer_only: ViT patch size
@@ -196,7 +196,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("fusion", "cnn_only", "transformer_only"),
-    "model.fusion": ("concat", "concat_linear", "gated", "cross_attention"),
+    "model.fusion": ("concat", "gated", "cross_attention"),
     "model.feature_stride": (8, 16, 32),
     "model.freeze_stride": (0, 2, 4, 8, 16, 32),
     "train.class_balance": ("weighted", "none"),

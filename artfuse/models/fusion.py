@@ -7,11 +7,9 @@ The CNN branch is any timm CNN; the feature map of its stage at one stride becom
 token and learned 2-D position embeddings (resampled for other input sizes). A pre-norm Transformer encoder (timm's
 ViT `Block`) models their global context, and a fusion head combines the CNN's own pooled features (after its
 head convolution, what cnn_only classifies) with the CLS output:
-`concat` (the paper's: an MLP over both), `concat_linear` (both side by side, no MLP: the heads see all that
-cnn_only's head sees, and the CLS beside it), `gated` or `cross_attention`. One linear head per task maps the fused
-embedding to logits. Optionally each branch also gets its own linear head per task (`branch_heads`): training adds
-their losses so that neither branch starves while the other carries the fused head; predictions use the fused head
-only.
+`concat` (the paper's), `gated` or `cross_attention`. One linear head per task maps the fused embedding to
+logits. Optionally each branch also gets its own linear head per task (`branch_heads`): training adds their losses
+so that neither branch starves while the other carries the fused head; predictions use the fused head only.
 """
 
 from __future__ import annotations
@@ -129,7 +127,6 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
         super().__init__()
-        self.out_features = d_model
         self.norm = nn.LayerNorm(cnn_dim + d_model)
         self.mlp = Mlp(cnn_dim + d_model, hidden_features=d_model, out_features=d_model, drop=drop_rate)
 
@@ -137,25 +134,11 @@ class ConcatFusion(nn.Module):
         return self.mlp(self.norm(torch.cat([pooled, cls], dim=-1)))
 
 
-class ConcatLinearFusion(nn.Module):
-    """[pooled CNN features ++ CLS] as they are: the embedding keeps every pooled CNN feature (what cnn_only's linear
-    head classifies) and adds the Transformer's CLS beside them, so the linear heads weigh the two directly instead
-    of through a d_model-wide bottleneck learnt from scratch on a small set."""
-
-    def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
-        super().__init__()
-        self.out_features = cnn_dim + d_model
-
-    def forward(self, pooled: torch.Tensor, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.cat([pooled, cls], dim=-1)
-
-
 class GatedFusion(nn.Module):
     """g * cnn + (1 - g) * cls, with a per-channel sigmoid gate g computed from both."""
 
     def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
         super().__init__()
-        self.out_features = d_model
         self.cnn_proj = nn.Sequential(nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, d_model))
         self.gate = nn.Linear(2 * d_model, d_model)
 
@@ -171,7 +154,6 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, cnn_dim: int, d_model: int, num_heads: int, drop_rate: float = 0.0):
         super().__init__()
-        self.out_features = d_model
         self.kv_norm = nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.cnn_proj = nn.Sequential(nn.LayerNorm(cnn_dim), nn.Linear(cnn_dim, d_model))
@@ -185,7 +167,6 @@ class CrossAttentionFusion(nn.Module):
 
 FUSIONS: dict[str, type[nn.Module]] = {
     "concat": ConcatFusion,
-    "concat_linear": ConcatLinearFusion,
     "gated": GatedFusion,
     "cross_attention": CrossAttentionFusion,
 }
@@ -219,11 +200,11 @@ class FusionNet(MultiTaskModel):
             tasks: task name -> number of classes, in output order.
             feature_stride: the CNN stage whose feature map becomes the tokens (its reduction).
             img_size: input side the position embeddings are learned for; other sizes are resampled.
-            d_model: Transformer width (and the fused embedding's size, except with concat_linear).
+            d_model: Transformer width and the size of the fused embedding.
             depth: Transformer encoder blocks.
             num_heads: attention heads (Transformer and cross-attention fusion).
             mlp_ratio: Transformer MLP hidden size / d_model.
-            fusion: concat | concat_linear | gated | cross_attention.
+            fusion: concat | gated | cross_attention.
             drop_rate: dropout on tokens, inside the Transformer and before the heads.
             drop_path_rate: stochastic depth, rising linearly to this over the blocks.
             branch_heads: a linear head per task on each branch's own features (pooled CNN, CLS), for an auxiliary
@@ -249,7 +230,7 @@ class FusionNet(MultiTaskModel):
         self.norm = nn.LayerNorm(d_model)
         self.fusion = FUSIONS[fusion](cnn_dim, d_model, num_heads, drop_rate)
 
-        self.num_features = self.fusion.out_features
+        self.num_features = d_model
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(tasks)
         branch_dims = dict(zip(BRANCHES, (cnn_dim, d_model), strict=True))

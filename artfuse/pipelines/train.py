@@ -206,9 +206,14 @@ def make_trainer(
     )
 
 
+def best_epoch(result: ray.train.Result) -> tuple[Checkpoint, dict]:
+    """The checkpoint and reported metrics of the run's best epoch (by validation macro-F1, as make_trainer keeps)."""
+    return max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])
+
+
 def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, out_uri: str) -> dict:
     """The best epoch of `result` as a model package at `out_uri`, with history.json and curves.png beside it."""
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_macro_f1"])
+    best_checkpoint, best_metrics = best_epoch(result)
     with best_checkpoint.as_directory() as best_dir:
         best = load_checkpoint(best_dir)
     with result.checkpoint.as_directory() as last_dir:

@@ -45,7 +45,7 @@ from artfuse.cluster.runtime import ensure_ray
 from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
 from artfuse.data import storage
-from artfuse.pipelines.train import TrainInputs, export_package, make_trainer, prepare_inputs
+from artfuse.pipelines.train import TrainInputs, best_epoch, export_package, make_trainer, prepare_inputs
 from artfuse.reporting.plots import plot_metric_by_param
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,19 @@ def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str)
     make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
 
 
-def finished_run_metrics(run_uri: str, cfg: Config) -> dict | None:
-    """The last epoch's metrics of the Ray Train run at `run_uri` if it has checkpointed every epoch, else None."""
+def train_run(run_uri: str, cfg: Config) -> ray.train.Result | None:
+    """The Ray Train run at `run_uri` as its checkpoints record it, or None before it has registered one."""
     fs, run_path = storage.arrow_filesystem(run_uri, cfg.storage)
     try:
-        metrics = ray.train.Result.from_path(run_path, storage_filesystem=fs).metrics or {}
+        return ray.train.Result.from_path(run_path, storage_filesystem=fs)
     except RuntimeError:  # no run there yet, or none that has registered a checkpoint
         return None
+
+
+def finished_run_metrics(run_uri: str, cfg: Config) -> dict | None:
+    """The last epoch's metrics of the Ray Train run at `run_uri` if it has checkpointed every epoch, else None."""
+    run = train_run(run_uri, cfg)
+    metrics = (run.metrics if run else None) or {}
     return metrics if metrics.get("epoch", 0) >= cfg.train.epochs else None
 
 
@@ -312,7 +318,12 @@ def check_same_search(uri: str, cfg: Config, resuming: bool) -> None:
 
 
 def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[dict]:
-    """One row per trial: status, its parameters, its best epoch's validation figures, epochs run, attempts."""
+    """One row per trial: status, its parameters, its best epoch's validation figures, epochs run, attempts.
+
+    The figures come from the trial's Ray Train run, the record the best package is exported from, not from Tune's
+    own log of the reports: a trial resumed after a kill reports only its last epoch to Tune, and its best epoch may
+    be an earlier one that Tune's log of the first attempt never kept.
+    """
     params = list(search_space(base))
     analysis = ray_tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
     results = {result.path: result for result in grid}
@@ -320,10 +331,10 @@ def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[d
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         result = results.get(trial.path)
         cfg = trial_config(base, {k: v for k, v in trial.config.items() if k in params})
-        history = analysis.trial_dataframes.get(trial.trial_id)
-        reported = history is not None and METRIC in history and history[METRIC].notna().any()
-        best = history.loc[history[METRIC].idxmax()] if reported else None
-        epochs_run = int(history["epoch"].max()) if reported else 0
+        run = train_run(storage.join(runs_uri, trial.trial_id), base)
+        reported = run is not None and bool(run.metrics)
+        best = best_epoch(run)[1] if reported else None
+        epochs_run = int(run.metrics["epoch"]) if reported else 0
         error = result.error if result is not None else None
         attempts_uri = storage.join(runs_uri, trial.trial_id, "attempts.json")
         attempts = (
@@ -349,7 +360,7 @@ def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[d
                 "epochs_run": epochs_run,
                 "epochs": base.train.epochs,
                 "attempts": attempts,
-                "train_img_s": float(history["train_img_s"].iloc[-1]) if reported else None,
+                "train_img_s": float(run.metrics["train_img_s"]) if reported else None,
                 "error": str(error).strip().splitlines()[-1][:500] if error is not None else None,
             }
         )

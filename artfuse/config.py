@@ -85,6 +85,9 @@ class TrainConfig:
     backbone_lr_scale: float = 0.1  # a pretrained backbone learns at lr * this
     weight_decay: float = 0.05  # AdamW
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to lr_min_ratio * lr
+    # A pretrained backbone's trainable layers wait this many epochs (learning rate 0) while the new Transformer and
+    # heads learn from their random start, then ramp up over warmup_epochs; 0 = every layer learns from the first step.
+    backbone_wait_epochs: float = 0.0
     lr_min_ratio: float = 0.01
     label_smoothing: float = 0.1
     # Mixup / CutMix: each training image is blended with (mixup) or gets a box of (CutMix) another image of its
@@ -288,6 +291,11 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "num_workers"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
+    if not 0 <= cfg.train.backbone_wait_epochs < cfg.train.epochs:
+        raise ConfigError(
+            f"train.backbone_wait_epochs must be 0 or more and below train.epochs ({cfg.train.epochs}); "
+            f"got {cfg.train.backbone_wait_epochs}"
+        )
     for name in ("mixup_alpha", "cutmix_alpha"):
         if getattr(cfg.train, name) < 0:
             raise ConfigError(f"train.{name} must be 0 (off) or more; got {getattr(cfg.train, name)}")

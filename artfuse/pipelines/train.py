@@ -291,15 +291,21 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     pretrained = cfg.model.pretrained != "none" and not (
         cfg.model.arch == "transformer_only" and cfg.model.pretrained == "imagenet"
     )
-    backbone_scale = cfg.train.backbone_lr_scale if pretrained else 1.0
-    groups: dict[tuple[float, float], list] = {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = backbone_scale if name.startswith("backbone.") else 1.0
         decay = 0.0 if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else cfg.train.weight_decay
-        groups.setdefault((scale, decay), []).append(p)
-    return [{"params": ps, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+        groups.setdefault((pretrained and name.startswith("backbone."), decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr_scale": cfg.train.backbone_lr_scale if pretrained_backbone else 1.0,
+            "pretrained_backbone": pretrained_backbone,
+            "weight_decay": decay,
+        }
+        for (pretrained_backbone, decay), ps in groups.items()
+    ]
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: Config) -> float:
@@ -309,6 +315,13 @@ def lr_at(step: int, total: int, warmup: int, cfg: Config) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     floor = cfg.train.lr * cfg.train.lr_min_ratio
     return floor + (cfg.train.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def backbone_factor(step: int, wait: int, ramp: int) -> float:
+    """The pretrained backbone's share of its learning rate: 0 for `wait` steps, then a linear ramp over `ramp`."""
+    if step < wait:
+        return 0.0
+    return min(1.0, (step - wait + 1) / ramp) if wait and ramp else 1.0
 
 
 @torch.inference_mode()
@@ -383,7 +396,10 @@ def train_loop(config: dict) -> None:
         model = torch.compile(model)
     ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
     eval_model = ema.module if ema else raw_model
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.train.lr)
+    groups = param_groups(raw_model, cfg)
+    # read from here, not from the optimizer's groups: a checkpoint's groups replace those, and older ones lack the key
+    waits_for_transformer = [group["pretrained_backbone"] for group in groups]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
     weights = config["class_weights"] or {}
     losses = {
         task: torch.nn.CrossEntropyLoss(
@@ -396,6 +412,7 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = math.ceil(config["n_train"] / world / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
+    backbone_wait_steps = int(cfg.train.backbone_wait_epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     mixing = np.random.default_rng([cfg.train.seed, rank])
 
@@ -423,8 +440,9 @@ def train_loop(config: dict) -> None:
         for i, batch in enumerate(batches):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            backbone = backbone_factor(step, backbone_wait_steps, warmup_steps)
+            for group, waits in zip(optimizer.param_groups, waits_for_transformer, strict=True):
+                group["lr"] = lr * group["lr_scale"] * (backbone if waits else 1.0)
             x, lam = mix_batch(
                 preprocess.to_tensor(batch["image"], device), cfg.train.mixup_alpha, cfg.train.cutmix_alpha, mixing
             )

@@ -15,11 +15,13 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 from ray import tune as ray_tune
 from ray.tune.search.sample import Categorical, Domain
 
 from artfuse.config import ConfigError, load_config
 from artfuse.pipelines.pause import PAUSED
+from artfuse.pipelines.train import load_checkpoint
 from artfuse.pipelines.tune import (
     check_same_search,
     check_space,
@@ -218,7 +220,6 @@ def _persisted_statuses(experiment: Path) -> dict[str, str]:
 def test_a_run_counts_as_finished_only_once_it_has_checkpointed_every_epoch(tmp_path, ray_local):
     import tempfile
 
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     def two_epochs(config):
@@ -296,6 +297,13 @@ def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     assert all(rows[t]["attempts"] == 1 for t in set(rows) - started_before)
 
     assert all(r["status"] == "completed" and r["epochs_run"] == EPOCHS for r in rows.values())
+    # each row's best epoch is the best of the whole training, both attempts included: the history in the run's
+    # last checkpoint (Tune's own log of a resumed trial lacks the epochs of its first attempt)
+    for trial_id, row in rows.items():
+        last = ray.train.Result.from_path(str(out / "_trials" / trial_id)).checkpoint
+        with last.as_directory() as d:
+            history = load_checkpoint(d)["history"]
+        assert row["val_macro_f1"] == pytest.approx(max(h["val_macro_f1"] for h in history))
     assert report["stopped_early"] == 0 and report["trials"] == N_TRIALS
     for param in ("model.fusion", "model.num_heads", "model.feature_stride", "train.lr", "train.weight_decay"):
         assert all(r[param] is not None for r in rows.values())

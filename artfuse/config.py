@@ -85,10 +85,10 @@ class TrainConfig:
     backbone_lr_scale: float = 0.1  # a pretrained backbone learns at lr * this
     weight_decay: float = 0.05  # AdamW
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.01
     # A pretrained backbone's trainable layers wait this many epochs (learning rate 0) while the new Transformer and
     # heads learn from their random start, then ramp up over warmup_epochs; 0 = every layer learns from the first step.
     backbone_wait_epochs: float = 0.0
-    lr_min_ratio: float = 0.01
     label_smoothing: float = 0.1
     # Mixup / CutMix: each training image is blended with (mixup) or gets a box of (CutMix) another image of its
     # batch, and its loss is shared between the two labels. The Beta(alpha, alpha) of the mixing share; 0 = off.

@@ -191,26 +191,13 @@ def _with_config(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="artfuse", description="Artwork identification with a CNN + Transformer fusion model on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
-
-    def command(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(fn=fn)
-        return p
-
-    p = command(
-        "samples",
-        cmd_samples,
-        "generate the sample collection (procedural painting 'movements', one folder each)",
-    )
+def _samples_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="URI", help="folder (local path, file:// or s3://) to write into")
     p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
-    p = command("train", cmd_train, "train a model package on a labelled collection with Ray Train")
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", required=True, metavar="URI", help="collection: folder per label, or a CSV/Parquet manifest"
     )
@@ -223,23 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     _corrections_option(p, "a corrections dataset (artfuse review): its decisions override and extend the labels")
     _with_config(p)
 
-    p = command(
-        "evaluate",
-        cmd_evaluate,
-        "score a model package on a labelled collection (metrics.json + confusion PNGs)",
-    )
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--data", metavar="URI", help="labelled collection")
     _corrections_option(p, "a corrections dataset: alone, score on its decided objects; with --data, merged into it")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and the PNGs")
     _with_config(p)
 
-    p = command(
-        "calibrate",
-        cmd_calibrate,
-        "fit each task's temperature and review threshold for a package and store them in it (for packages "
-        "trained before calibration, or on fresh labelled data)",
-    )
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder (its artfuse.json is updated)")
     p.add_argument(
         "--data",
@@ -249,11 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _with_config(p)
 
-    p = command(
-        "ablate",
-        cmd_ablate,
-        "fusion vs cnn_only vs transformer_only on one collection: same split and budget, N seeds, test-split table",
-    )
+
+def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="URI", help="labelled collection")
     p.add_argument(
         "--out",
@@ -272,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _with_config(p)
 
-    p = command("label", cmd_label, "label new or changed images under --input into Parquet at --out with Ray Data")
+
+def _label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder")
     p.add_argument("--input", required=True, metavar="URI", help="folder of images (recursive) or a manifest")
     p.add_argument("--out", required=True, metavar="URI", help="Parquet output root (partitioned by run_date)")
@@ -281,12 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _with_config(p)
 
-    p = command(
-        "report",
-        cmd_report,
-        "one self-contained HTML page on a labelling run: counts, errors, label shift, scores, review queue, "
-        "duplicates",
-    )
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictions", required=True, metavar="URI", help="the label job's output root (its --out)")
     p.add_argument(
         "--run", metavar="RUN_ID", help="the run to report on (default: the latest in <predictions>/_reports)"
@@ -299,11 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _with_config(p)
 
-    p = command(
-        "bench",
-        cmd_bench,
-        "throughput of the model alone, decode alone and the whole label pipeline on this machine, as ratios",
-    )
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE", help="write the figures as JSON (e.g. bench.json)")
     p.add_argument("--model", metavar="URI", help="model package (default: a fresh model of the configured arch)")
     p.add_argument(
@@ -332,11 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
     _with_config(p)
 
-    p = command(
-        "tune",
-        cmd_tune,
-        "search fusion hyperparameters with Ray Tune (each trial a Ray Train run, ASHA early stopping)",
-    )
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="URI", help="labelled collection: folder per label, or a manifest")
     p.add_argument(
         "--out",
@@ -347,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, metavar="N", help="number of trials (default: tune.num_samples)")
     _with_config(p)
 
-    p = command("submit", cmd_submit, "submit a job (train, tune, label, evaluate) to a Ray cluster and follow it")
+
+def _submit_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = "artfuse submit JOB --address URL [--no-wait] [--forward-credentials] [JOB ARGS ...]"
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = SUBMIT_DESCRIPTION
@@ -364,11 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its dashboard; prefer the cluster's own (IRSA, instance profile)",
     )
 
-    p = command(
-        "review",
-        cmd_review,
-        "review unsure predictions in the browser; each decision is appended to a corrections dataset",
-    )
+
+def _review_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictions", required=True, metavar="URI", help="the --out of `artfuse label`")
     p.add_argument("--corrections", required=True, metavar="URI", help="corrections dataset to append to")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
@@ -378,13 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="URI", help="model package: its vocabulary (default: labels seen in the top-k)")
     _with_config(p)
 
-    p = command("similar", cmd_similar, "the artworks nearest to one, by the embeddings of a predictions dataset")
+
+def _similar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictions", required=True, metavar="URI", help="`artfuse label` output with embeddings")
     p.add_argument("--uri", required=True, metavar="URI", help="the artwork (its uri in the predictions)")
     p.add_argument("-k", type=int, default=10, help="how many (default 10)")
     _with_config(p)
 
-    p = command("demo", cmd_demo, "samples -> train -> evaluate -> label on generated data, locally")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default="demo-out",
@@ -392,6 +360,91 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for everything the demo makes (default demo-out)",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config field")
+
+
+# (name, function, one-line help, its arguments): one small function per command keeps its flags on one screen
+COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], None]]] = [
+    (
+        "samples",
+        cmd_samples,
+        "generate the sample collection (procedural painting 'movements', one folder each)",
+        _samples_arguments,
+    ),
+    ("train", cmd_train, "train a model package on a labelled collection with Ray Train", _train_arguments),
+    (
+        "evaluate",
+        cmd_evaluate,
+        "score a model package on a labelled collection (metrics.json + confusion PNGs)",
+        _evaluate_arguments,
+    ),
+    (
+        "calibrate",
+        cmd_calibrate,
+        "fit each task's temperature and review threshold for a package and store them in it (for packages "
+        "trained before calibration, or on fresh labelled data)",
+        _calibrate_arguments,
+    ),
+    (
+        "ablate",
+        cmd_ablate,
+        "fusion vs cnn_only vs transformer_only on one collection: same split and budget, N seeds, test-split table",
+        _ablate_arguments,
+    ),
+    (
+        "label",
+        cmd_label,
+        "label new or changed images under --input into Parquet at --out with Ray Data",
+        _label_arguments,
+    ),
+    (
+        "report",
+        cmd_report,
+        "one self-contained HTML page on a labelling run: counts, errors, label shift, scores, review queue, "
+        "duplicates",
+        _report_arguments,
+    ),
+    (
+        "bench",
+        cmd_bench,
+        "throughput of the model alone, decode alone and the whole label pipeline on this machine, as ratios",
+        _bench_arguments,
+    ),
+    (
+        "tune",
+        cmd_tune,
+        "search fusion hyperparameters with Ray Tune (each trial a Ray Train run, ASHA early stopping)",
+        _tune_arguments,
+    ),
+    (
+        "submit",
+        cmd_submit,
+        "submit a job (train, tune, label, evaluate) to a Ray cluster and follow it",
+        _submit_arguments,
+    ),
+    (
+        "review",
+        cmd_review,
+        "review unsure predictions in the browser; each decision is appended to a corrections dataset",
+        _review_arguments,
+    ),
+    (
+        "similar",
+        cmd_similar,
+        "the artworks nearest to one, by the embeddings of a predictions dataset",
+        _similar_arguments,
+    ),
+    ("demo", cmd_demo, "samples -> train -> evaluate -> label on generated data, locally", _demo_arguments),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="artfuse", description="Artwork identification with a CNN + Transformer fusion model on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
+    for name, fn, help, add_arguments in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        add_arguments(p)
     return parser
 
 

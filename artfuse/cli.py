@@ -108,6 +108,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print(result)
         print(format_nightly(result))
         return
+    if args.simulate is not None:
+        from artfuse.pipelines.bench_simulate import format_simulate, simulate
+
+        result = simulate(_config(args), args.simulate or None, args.nodes, args.out)
+        _print(result)
+        print(format_simulate(result))
+        return
     if args.memory:
         result = bench_memory(_config(args), args.memory, args.model, args.out)
         _print(result)
@@ -301,6 +308,21 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--inventory", action="store_true", help="with --nightly and an s3:// --archive: label from an S3 Inventory"
     )
     p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
+    p.add_argument(
+        "--simulate",
+        nargs="?",
+        const="",
+        metavar="TIMINGS.json",
+        help="instead: the label pipeline on a GPU machine's logical resources (16 CPUs, 1 GPU a node), each stage a "
+        "sleep of the per-batch time measured on the card (default: the H200's, artfuse/pipelines/timings/h200.json)",
+    )
+    p.add_argument(
+        "--nodes",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="with --simulate: cluster sizes to run (default 1), e.g. 1 2 4",
+    )
     _with_config(p)
 
 

@@ -216,24 +216,44 @@ def prediction_dataset(
         )
     read, read_kwargs = read_stage(cfg, preprocess.resize, gpu_decode)
     carried = ["uri", "size", "etag", *(name for name in OBJECT_COLUMNS if name in table.column_names)]
-    ds = stages.dataset_from_table(table.select(carried), lc.decode_batch_size)
+    actor_kwargs = dict(
+        model_uri=model_uri,
+        cfg=lc,
+        storage_config=cfg.storage,
+        run_id=run_id,
+        labelled_at=labelled_at,
+        gpu_decode=gpu_decode,
+        max_pixels=cfg.data.max_pixels,
+        pause=cfg.pause,
+    )
+    return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc)
+
+
+def label_stages(
+    table: pa.Table, read: Callable, read_kwargs: dict, actor: type, actor_kwargs: dict, lc: LabelConfig
+) -> ray.data.Dataset:
+    """The label pipeline's shape: `table`'s rows in blocks -> `read` as CPU tasks -> `actor` as the model actor pool,
+    with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages."""
+    ds = stages.dataset_from_table(table, lc.decode_batch_size)
     ds = ds.map_batches(read, fn_kwargs=read_kwargs, batch_size=lc.decode_batch_size, **decode_resources(lc))
     return ds.map_batches(
-        LabelModel,
-        fn_constructor_kwargs=dict(
-            model_uri=model_uri,
-            cfg=lc,
-            storage_config=cfg.storage,
-            run_id=run_id,
-            labelled_at=labelled_at,
-            gpu_decode=gpu_decode,
-            max_pixels=cfg.data.max_pixels,
-            pause=cfg.pause,
-        ),
+        actor,
+        fn_constructor_kwargs=actor_kwargs,
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
         runtime_env=actor_runtime_env(lc),
         **actor_resources(lc),
+    )
+
+
+def write_predictions(ds: ray.data.Dataset, partition_uri: str, cfg: Config, run_id: str) -> None:
+    """Run the pipeline, writing its rows as this run's Parquet files under `partition_uri`."""
+    fs, root = storage.arrow_filesystem(partition_uri, cfg.storage)
+    ds.write_parquet(
+        root,
+        filesystem=fs,
+        min_rows_per_file=max(cfg.label.rows_per_file, 1),
+        filename_provider=filename_provider(run_id),
     )
 
 
@@ -325,13 +345,7 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         ds = prediction_dataset(todo, model_uri, cfg, run_id=run_id, labelled_at=labelled_at)
         planning_s += time.time() - planned
         pipeline_started = time.time()
-        fs, root = storage.arrow_filesystem(partition, cfg.storage)
-        ds.write_parquet(
-            root,
-            filesystem=fs,
-            min_rows_per_file=max(cfg.label.rows_per_file, 1),
-            filename_provider=filename_provider(run_id),
-        )
+        write_predictions(ds, partition, cfg, run_id)
         labelling_s = time.time() - pipeline_started
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data stats:\n%s", ds.stats())

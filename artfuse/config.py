@@ -46,7 +46,7 @@ class ModelConfig:
     patch_size: int = 16  # transformer_only: ViT patch size
     # fusion: weight of an auxiliary loss from a linear head per task on each branch's own features (pooled CNN,
     # Transformer CLS), so neither branch starves; 0 = no branch heads. Other archs have one branch and ignore it.
-    # 0.3: README, "Measured so far" (the fusion ahead of the CNN alone on both real sets; level without it).
+    # 0.3: docs/measurements.md, Accuracy (the fusion ahead of the CNN alone on both real sets; level without it).
     branch_loss: float = 0.3
 
 
@@ -177,6 +177,8 @@ class BenchConfig:
     # --simulate: every stage's sleep this many times the card's (figures divided back), so that this machine's own
     # scheduling overhead weighs that much less against the card's times
     simulate_time_scale: float = 4.0
+    train_images: int = 240  # --train: the generated collection the loop trains on (its train split is 65 %)
+    train_epochs: int = 2  # --train: the last epoch's img/s is the loop's figure; the first warms up
 
 
 @dataclass

@@ -11,6 +11,7 @@ scores the package on it once, after the best epoch is chosen.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from artfuse.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 DECODE_ROWS_PER_TASK = 32
+VAL_LOGITS = "val_logits.npz"  # in the package folder, beside history.json
 
 
 def label_column(task: str) -> str:
@@ -223,7 +225,9 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
     model.load_state_dict(packaged_weights(best))
     columns = {task: label_column(task) for task in inputs.vocabs}
     logits, labels = dataset_logits(model, inputs.val, inputs.preprocess, columns, cfg.train.batch_size)
-    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on="validation split")
+    calibration = fit_calibration(
+        logits, labels, cfg.label.target_accuracy, "validation split", cfg.label.threshold_rule
+    )
     # Scored once, by the driver, after the epoch was chosen on val: the figure nothing was chosen on.
     test = None
     if inputs.test is not None:
@@ -251,6 +255,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         storage_config=cfg.storage,
     )
     storage.write_bytes(storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage)
+    storage.write_bytes(storage.join(out_uri, VAL_LOGITS), logits_npz(logits, labels), cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
         plot_history(history, Path(tmp) / "curves.png")
         storage.write_bytes(storage.join(out_uri, "curves.png"), (Path(tmp) / "curves.png").read_bytes(), cfg.storage)
@@ -272,6 +277,14 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "train_img_s": history[-1]["train_img_s"] if history else None,
         "train_img_s_by_epoch": [h["train_img_s"] for h in history],
     }
+
+
+def logits_npz(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> bytes:
+    """The best epoch's logits and true class indices on the validation split, per task (`logits/<task>`,
+    `labels/<task>`): under --folds, the held fold's out-of-fold predictions, which calibration can be fitted on."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"logits/{t}": v for t, v in logits.items()}, **{f"labels/{t}": v for t, v in labels.items()})
+    return buffer.getvalue()
 
 
 def train(data_uri: str, out_uri: str, cfg: Config) -> dict:

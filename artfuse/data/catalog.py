@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 FOLDER_TASK = "label"
 SPLITS = ("train", "val", "test")
+# Under data.folds, the test split's rows: in the table (the fingerprint is the collection's, whatever the split) but
+# in no split a run reads.
+LEFT_OUT = "left_out"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 IIIF_COLUMN = "iiif_manifest"  # a manifest column naming a IIIF manifest per row, instead of a path
 # manifest columns that describe the object, not a label of it
@@ -109,12 +112,8 @@ def load_collection(
         raise ConfigError(f"{uri} lists {duplicate} more than once: each image may appear once")
     keys = [split_keys.get(u) or _key_below(root, u) for u in uris]
     split = given_split or _stratified_split(keys, labels[tasks[0]], tasks[0], data)
-    vocabs = {task: sorted(set(labels[task])) for task in tasks}  # of every image, so a fold's model has every class
     if data.folds:
         split = _fold_split(keys, labels[tasks[0]], split, tasks[0], data)
-        kept = [row for row, s in enumerate(split) if s != "test"]  # the test split takes no part in the folds
-        uris, sizes, etags, split = ([values[row] for row in kept] for values in (uris, sizes, etags, split))
-        labels = {task: [labels[task][row] for row in kept] for task in tasks}
     table = pa.table(
         {
             "uri": pa.array(uris, pa.string()),
@@ -124,6 +123,7 @@ def load_collection(
             "split": pa.array(split, pa.string()),
         }
     ).sort_by("uri")
+    vocabs = {task: sorted(set(labels[task])) for task in tasks}
     return Collection(root=root, table=table, tasks=tasks, vocabs=vocabs)
 
 
@@ -385,7 +385,7 @@ def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataC
 
 
 def _fold_split(keys: list[str], labels: list[str], split: list[str], task: str, data: DataConfig) -> list[str]:
-    """Fold `data.fold` of `data.folds` as val, the other folds as train; test rows stay test (left out by the caller).
+    """Fold `data.fold` of `data.folds` as val, the other folds as train; the test split's rows are LEFT_OUT.
 
     Per label, the non-test keys ranked by a seeded hash are dealt to the folds in turn, so each fold holds each label's
     share to within one key; the turn carries over from label to label, so the folds' sizes differ by at most one key.
@@ -409,7 +409,7 @@ def _fold_split(keys: list[str], labels: list[str], split: list[str], task: str,
             fold_of[key] = turn % data.folds
             turn += 1
     return [
-        s if s == "test" else "val" if fold_of[key] == data.fold else "train"
+        LEFT_OUT if s == "test" else "val" if fold_of[key] == data.fold else "train"
         for s, key in zip(split, keys, strict=True)
     ]
 

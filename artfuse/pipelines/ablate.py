@@ -121,14 +121,12 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
         "split": split,
         "n": scores["n"],
         **{score: round(mean_over_tasks(scores, score), 4) for score in SCORES},
-        # the run's own 95 % bootstrap interval over its images (one task: an interval of a mean over tasks would
-        # need each image's answers for every task)
-        **single_task_interval(scores),
         "val_accuracy": round(trained["val_accuracy"], 4),
         "best_epoch": trained["best_epoch"],
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "train_img_s": round(statistics.median(trained["train_img_s_by_epoch"]), 1),
         "minutes": round((time.time() - started) / 60, 1),
+        **single_task_interval(scores),  # the run's own 95 % bootstrap interval over its images
         **{
             recall_column(task, label): round(per_class["recall"], 4)
             for task, task_scores in scores["tasks"].items()

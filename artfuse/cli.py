@@ -434,7 +434,7 @@ COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], Non
     (
         "ablate",
         cmd_ablate,
-        "fusion vs cnn_only vs transformer_only on one collection: same split and budget, N seeds, test-split table",
+        "fusion vs cnn_only vs transformer_only on one collection at one budget: N seeds (test-split table) or K folds",
         _ablate_arguments,
     ),
     (

@@ -61,6 +61,8 @@ def test_ablate_over_folds_scores_each_held_fold_and_a_rerun_trains_nothing(samp
     summary = ablate(str(samples), str(out), cfg, archs=("cnn_only",), folds=3, first_folds=1)
     assert summary["archs"]["cnn_only"]["folds"] == [0]
     runs = out / "cnn_only" / "seed0"
+    with pytest.raises(ConfigError, match="holds no finished fold run"):
+        calibrate_out_of_fold(str(runs / "fold0"), str(out / "cnn_only"), cfg)
     with pytest.raises(ConfigError, match="2 of the 3 fold runs under .* are not finished"):
         calibrate_out_of_fold(str(runs / "fold0"), str(runs), cfg)
     summary = ablate(str(samples), str(out), cfg, archs=("cnn_only",), folds=3)  # goes on with folds 1 and 2

@@ -202,8 +202,11 @@ def calibrate_out_of_fold(model_uri: str, runs_uri: str, cfg: Config) -> dict:
     image outside the test split, each predicted by the one run that never trained on it, instead of one validation
     split. Meant for the package refitted on every labelled image once cross-validation has decided its configuration.
     """
-    folds = json.loads(storage.read_bytes(storage.join(runs_uri, "fold0", RUN_RECORD), cfg.storage))["config"]
-    k = folds["data"]["folds"]
+    first = storage.join(runs_uri, "fold0", RUN_RECORD)
+    if not storage.exists(first, cfg.storage):
+        raise ConfigError(f"{runs_uri} holds no finished fold run (no fold0/{RUN_RECORD}): give an `ablate --folds` "
+                          "run's <out>/<arch>/seed<k>, once its folds are finished")  # fmt: skip
+    k = json.loads(storage.read_bytes(first, cfg.storage))["config"]["data"]["folds"]
     runs = [storage.join(runs_uri, f"fold{fold}") for fold in range(k)]
     missing = [run for run in runs if not storage.exists(storage.join(run, VAL_LOGITS), cfg.storage)]
     if missing:

@@ -33,7 +33,9 @@ from artfuse.pipelines.label import (
 )
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
-FAST = ["label.batch_size=16", "label.decode_batch_size=8", "label.rows_per_file=16"]
+# actor_memory_mb: the tiny model needs little, and a busy machine's Ray may see under the default 4 GB + a decode task
+# free (the job would then refuse to start: cluster/requests.py)
+FAST = ["label.batch_size=16", "label.decode_batch_size=8", "label.rows_per_file=16", "label.actor_memory_mb=1024"]
 SMALL = (96, 160)  # generated image sides
 BAD = {"empty.jpg": "empty", "notes.jpg": "not_an_image", "cut.jpg": "truncated"}
 

@@ -96,8 +96,12 @@ def ray_names(remote_args: dict) -> dict[str, float]:
 
 
 def cluster_nodes() -> list[dict[str, float]]:
-    """Each alive node's total resources (Ray's names), as `ray.nodes()` reports them."""
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    """Each alive node's total CPUs, GPUs and memory (bytes), as `ray.nodes()` reports them."""
+    return [
+        {key: node["Resources"].get(key, 0.0) for key in ("CPU", "GPU", "memory")}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
 
 
 def may_grow(cfg: ClusterConfig) -> bool:

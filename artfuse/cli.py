@@ -108,6 +108,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print(result)
         print(format_nightly(result))
         return
+    if args.train:
+        from artfuse.pipelines.bench_train import bench_train, format_train_bench
+
+        result = bench_train(_config(args), args.out)
+        _print(result)
+        print(format_train_bench(result))
+        return
     if args.simulate is not None:
         from artfuse.pipelines.bench_simulate import format_simulate, simulate
 
@@ -308,6 +315,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--inventory", action="store_true", help="with --nightly and an s3:// --archive: label from an S3 Inventory"
     )
     p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: a bare training step alone and the Ray Train loop on a generated collection, as a ratio",
+    )
     p.add_argument(
         "--simulate",
         nargs="?",

@@ -108,7 +108,7 @@ def test_train_asking_more_cpus_per_worker_than_a_node_has_exits_2(tmp_path, ray
 
 
 def test_label_actor_taking_every_cpu_exits_2(tmp_path, ray_local, capsys):
-    generate_samples(str(tmp_path / "archive"), n=4, seed=1)
+    generate_samples(str(tmp_path / "archive"), n=6, seed=1)
     save_untrained_package(str(tmp_path / "model"), load_config(None, TINY), {"label": 6})
     args = ["label", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "archive")]
     args += ["--out", str(tmp_path / "out"), "--config", str(NIGHTLY)]

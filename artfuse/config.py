@@ -177,6 +177,14 @@ class TuneConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # Whether nodes may still join the Ray cluster (an autoscaler): then a request no node holds yet only warns, and
+    # the label job's actor pool is not fitted to today's nodes. auto: yes for a cluster joined through RAY_ADDRESS
+    # (`ray job submit`), no for the local one a job starts on its own machine.
+    autoscaling: bool | str = "auto"
+
+
+@dataclass
 class BenchConfig:
     n_images: int = 512  # JPEGs decoded alone; the pipeline labels at least this many
     width: int = 1024  # generated image size
@@ -207,6 +215,7 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
 
@@ -220,6 +229,7 @@ CHOICES = {
     "pause.point": ("", "epoch", "batch"),
     "label.tta": ("none", "flip"),
     "label.threshold_rule": ("point", "wilson"),
+    "cluster.autoscaling": ("auto", True, False),
 }
 
 

@@ -31,6 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from timm.utils import ModelEmaV3
 
+from artfuse.cluster.requests import check_train
 from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, to_dict
 from artfuse.data import corrections, stages, storage
@@ -301,6 +302,8 @@ def logits_npz(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> 
 def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
     """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
     started = time.time()
+    ensure_ray()
+    check_train(cfg)  # before decoding anything: workers no node can hold would wait for ever
     inputs = prepare_inputs(data_uri, cfg)
     result = make_trainer(inputs, cfg, storage.join(out_uri, "_train"), started_at=started).fit()
     summary = export_package(result, inputs, cfg, out_uri)

@@ -16,7 +16,6 @@ from artfuse.models.package import load_package
 from artfuse.pipelines.ablate import ablate
 from artfuse.pipelines.evaluate import trained_split
 
-pytestmark = pytest.mark.slow
 # test_train's tiny model; fusion also trains its branch heads' auxiliary loss, on batches mixed by mixup or CutMix
 TINY = [*TRAIN_TINY, "model.branch_loss=0.3", "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.epochs=1"]
 

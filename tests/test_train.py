@@ -19,7 +19,6 @@ from artfuse.data.samples import generate_samples
 from artfuse.pipelines.pause import PAUSED, RELEASE
 from artfuse.pipelines.train import load_checkpoint, train
 
-pytestmark = pytest.mark.slow
 TINY = [
     "model.img_size=64",
     "model.d_model=32",
@@ -112,6 +111,7 @@ def run_train_cli(samples: Path, out: Path, epochs: int, settings=(), **popen) -
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
 
+@pytest.mark.slow  # two CLI runs, each with the local Ray it starts (and the first killed with it)
 def test_interrupted_run_resumes_at_next_epoch(samples, tmp_path):
     out, pause_dir = tmp_path / "model", tmp_path / "pause"
     first = run_train_cli(samples, out, 3, pause_after_epoch(pause_dir, 1), start_new_session=True)

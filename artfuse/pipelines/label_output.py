@@ -1,8 +1,8 @@
 """What the label job keeps under its `--out`: which Parquet files are its own, what they already hold, and what
 happens to files it cannot use. Nothing here deletes a file.
 
-The job names every file it writes `artfuse-<run_id>_<write id>_<task>-<i>.parquet` (`filename_provider`). When it
-reads the output back:
+The job names every file it writes `artfuse-<run_id>_<write id>_<task>-<i>.parquet` (`data/prediction_files.py`). When
+it reads the output back:
 - a readable Parquet file with the prediction columns counts, whoever named it (files of earlier versions too);
 - a file named as ours that is not valid Parquet is a write cut short by a killed run: it is moved to
   `<out>/_set_aside/<this run_id>/<its path>` and its inputs are labelled again;
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +29,10 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
 
 from artfuse.config import StorageConfig
 from artfuse.data import storage
+from artfuse.data.prediction_files import is_own_file
 
 log = logging.getLogger(__name__)
 KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across nights
@@ -44,7 +43,6 @@ EMPTY_KEYS = pa.table(
 SET_ASIDE = "_set_aside"  # where torn files go, one folder per run that moved them
 LOCK = "_lock.json"
 READ_THREADS = 8  # output files read at once: a local disk or S3 serves several reads while one is parsed
-OWN_FILE = re.compile(r"^artfuse-(?P<run_id>\d{8}T\d{6}-[0-9a-f]{8})_.+\.parquet$")
 
 
 class OutputLocked(RuntimeError):
@@ -60,17 +58,6 @@ class OutputState:
     done: pa.Table  # (uri, etag, size) already labelled (not deduplicated: only an anti-join reads it)
     set_aside: list[dict] = field(default_factory=list)  # {"file", "to"}: torn files this run moved
     foreign: list[str] = field(default_factory=list)  # files the job did not write and does not use
-
-
-def filename_provider(run_id: str) -> FilenameProvider:
-    """Ray Data names this run's files `artfuse-<run_id>_...parquet`: the job knows its own files by name."""
-    return FilenameProvider(dataset_uuid=f"artfuse-{run_id}", file_format="parquet")
-
-
-def is_own_file(path: str, run_id: str | None = None) -> bool:
-    """Whether `path` is named as the label job names its files (by the run `run_id`, when given)."""
-    match = OWN_FILE.match(path.rsplit("/", 1)[-1])
-    return bool(match) and (run_id is None or match["run_id"] == run_id)
 
 
 def labelled_inputs(out_uri: str, storage_config: StorageConfig | None, run_id: str) -> OutputState:

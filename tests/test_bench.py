@@ -75,3 +75,18 @@ def test_bench_nightly_labels_exactly_the_new_objects_of_an_archive(tmp_path, ra
         assert 0 <= result[key] <= result["total_s"], key
     assert result["driver_peak_mb"] > 100
     assert not archive.exists() and not Path(f"{archive}.ready").exists()
+
+
+def test_bench_train_times_the_bare_step_and_the_ray_train_loop(tmp_path, ray_local, capsys):
+    settings = [*TINY, "bench.train_images=30", "bench.model_batches=2", "train.batch_size=4"]
+    out = tmp_path / "train.json"
+    code = main(["bench", "--train", "--out", str(out), *(arg for s in settings for arg in ("--set", s))])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["step_img_s"] > 0 and result["loop_img_s"] > 0
+    assert result["ratio"] == pytest.approx(result["loop_img_s"] / result["step_img_s"], abs=0.01)
+    # The warm-up runs from the start of `train` to the first optimizer step: within the run's own duration.
+    assert 0 < result["warmup_s"] < result["train_duration_s"]
+    assert len(result["loop_img_s_by_epoch"]) == 2 and result["loop_img_s"] == result["loop_img_s_by_epoch"][-1]
+    assert result["config"]["batch_size"] == 4
+    assert "Ray Train loop" in capsys.readouterr().out

@@ -46,7 +46,7 @@ class ModelConfig:
     patch_size: int = 16  # transformer_only: ViT patch size
     # fusion: weight of an auxiliary loss from a linear head per task on each branch's own features (pooled CNN,
     # Transformer CLS), so neither branch starves; 0 = no branch heads. Other archs have one branch and ignore it.
-    # 0.3: README, "Measured so far" (the fusion ahead of the CNN alone on both real sets; level without it).
+    # 0.3: docs/measurements.md, Accuracy (the fusion ahead of the CNN alone on both real sets; level without it).
     branch_loss: float = 0.3
 
 

@@ -2,7 +2,7 @@
 temperature and review threshold are fitted on one half and measured on the other, both ways, and the two held-out
 halves pooled (the package's own fit uses the whole split, so `evaluate` on that split is in-sample).
 
-    python scripts/calibration_crossfit.py --model /tmp/cal-chinese-genre --data ../shared/data/paintings/chinese-genre
+    python scripts/calibration_crossfit.py --model /tmp/cal-chinese-genre --data $ARTFUSE_PAINTINGS/chinese-genre
 
 Prints JSON per task: ECE before and after on the held-out halves, and the share auto-accepted there with the
 accuracy it reaches, next to the in-sample figures of the fit on the whole split.

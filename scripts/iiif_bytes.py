@@ -1,11 +1,11 @@
-"""Bytes moved per image when labelling through IIIF, against reading the full-size file (README's IIIF figures).
+"""Bytes moved per image when labelling through IIIF, against reading the full-size file (docs/measurements.md).
 
 Serves the first --n JPEG files of each painting set through a real IIIF Image API server (zimeon's `iiif`,
 from the test extra) on 127.0.0.1, lists a v3 manifest of them with artfuse's IIIF listing at the decode size of
 a model of --img-size, fetches each image as the label job would (artfuse.data.storage.read_bytes) and compares
 with the files' own sizes. The images are linked from a temporary folder, never copied.
 
-    python scripts/iiif_bytes.py ../shared/data/paintings/western-genre ../shared/data/paintings/chinese-genre
+    python scripts/iiif_bytes.py $ARTFUSE_PAINTINGS/western-genre $ARTFUSE_PAINTINGS/chinese-genre
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Linear-probe reference on a collection's own split: logistic regression on the pooled features of the configured
-pretrained backbone (the kind of figure the painting sets' README quotes), at one or more input sizes; its L2
+pretrained backbone (the kind of reference figure docs/measurements.md quotes), at one or more input sizes; its L2
 penalty is chosen on val, its accuracy reported on val and test.
 
-    python scripts/linear_probe.py ../shared/data/paintings/western-genre --sizes 160 224 288
+    python scripts/linear_probe.py $ARTFUSE_PAINTINGS/western-genre --sizes 160 224 288
 
 Images are decoded with artfuse's decoder (shorter side to the size, centre crop), on this process's CPU.
 """

@@ -21,6 +21,7 @@ from test_label import FAST, SMALL, TINY
 from artfuse.config import ConfigError, load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
+from artfuse.data.prediction_files import is_own_file
 from artfuse.data.samples import generate_samples
 from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.evaluate import evaluate
@@ -29,7 +30,6 @@ from artfuse.pipelines.label_output import (
     LOCK,
     OutputLocked,
     OutputUnreadable,
-    is_own_file,
     labelled_inputs,
     output_lock,
 )

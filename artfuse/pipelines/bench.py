@@ -1,7 +1,7 @@
 """`artfuse bench`: on this machine, in one run, the model alone, decode alone and the whole label pipeline.
 
 Figures are images/s plus `ratio` = pipeline / min(model, decode): how close the Ray Data pipeline comes to its
-slowest stage running alone (docs/architecture.md, performance model). Each stage alone runs where and as
+slowest stage running alone (docs/performance.md, the performance model). Each stage alone runs where and as
 it runs in the pipeline: in Ray workers (same resources, threads and process priority), on the same Ray.
 
 - model alone: `LabelModel.predict` (the label actor's model step: host->device copy, normalise, forward,

@@ -1,4 +1,4 @@
-"""Evaluate a model package on a labelled collection: metrics.json (its fields: README.md), confusion PNGs, and
+"""Evaluate a model package on a labelled collection: metrics.json (its fields: docs/reference.md), confusion PNGs, and
 how far its scores can be trusted: ECE before and after the package's temperature, a reliability diagram and a
 risk-coverage curve per task, and what the review threshold lets through. `artfuse calibrate` fits that
 temperature and threshold (on the training collection, its validation split: never the test split).

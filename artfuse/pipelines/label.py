@@ -32,18 +32,12 @@ from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, Storag
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import iter_inputs
 from artfuse.data.iiif import OBJECT_COLUMNS
+from artfuse.data.prediction_files import filename_provider, is_own_file
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
-from artfuse.pipelines.label_output import (
-    KEY,
-    OutputState,
-    filename_provider,
-    is_own_file,
-    labelled_inputs,
-    output_lock,
-)
+from artfuse.pipelines.label_output import KEY, OutputState, labelled_inputs, output_lock
 from artfuse.pipelines.pause import pause_point
 
 log = logging.getLogger(__name__)

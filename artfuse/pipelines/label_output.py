@@ -1,8 +1,8 @@
 """What the label job keeps under its `--out`: which Parquet files are its own, what they already hold, and what
 happens to files it cannot use. Nothing here deletes a file.
 
-The job names every file it writes `artfuse-<run_id>_<write id>_<task>-<i>.parquet` (`filename_provider`). When it
-reads the output back:
+The job names every file it writes `artfuse-<run_id>_<write id>_<task>-<i>.parquet` (`data/prediction_files.py`). When
+it reads the output back:
 - a readable Parquet file with the prediction columns counts, whoever named it (files of earlier versions too);
   its footer's uri statistics say which range of inputs it can hold, so that the anti-join against a batch of
   inputs reads only the files whose range meets the batch's (a file without them is read whole, once);
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections import OrderedDict
@@ -35,10 +34,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
 
 from artfuse.config import StorageConfig
 from artfuse.data import storage
+from artfuse.data.prediction_files import is_own_file
 
 log = logging.getLogger(__name__)
 KEY = ["uri", "etag", "size"]  # what makes an input "the same object" across nights
@@ -50,7 +49,6 @@ SET_ASIDE = "_set_aside"  # where torn files go, one folder per run that moved t
 LOCK = "_lock.json"
 READ_THREADS = 8  # output files read at once: a local disk or S3 serves several reads while one is parsed
 CACHED_ROWS = 500_000  # output rows whose keys stay in memory between batches of inputs (about 50 MB)
-OWN_FILE = re.compile(r"^artfuse-(?P<run_id>\d{8}T\d{6}-[0-9a-f]{8})_.+\.parquet$")
 
 
 class OutputLocked(RuntimeError):
@@ -125,17 +123,6 @@ class OutputState:
         self.set_aside = [_set_aside(self.fs, self.out_uri, self.root, path, run_id, e) for path, e in self.torn]
         self.torn = []
         return self.set_aside
-
-
-def filename_provider(run_id: str) -> FilenameProvider:
-    """Ray Data names this run's files `artfuse-<run_id>_...parquet`: the job knows its own files by name."""
-    return FilenameProvider(dataset_uuid=f"artfuse-{run_id}", file_format="parquet")
-
-
-def is_own_file(path: str, run_id: str | None = None) -> bool:
-    """Whether `path` is named as the label job names its files (by the run `run_id`, when given)."""
-    match = OWN_FILE.match(path.rsplit("/", 1)[-1])
-    return bool(match) and (run_id is None or match["run_id"] == run_id)
 
 
 def labelled_inputs(out_uri: str, storage_config: StorageConfig | None) -> OutputState:

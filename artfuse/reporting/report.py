@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from artfuse.config import Config, ConfigError
 from artfuse.data import storage
 from artfuse.data.images import preview_jpeg
-from artfuse.pipelines.label_output import is_own_file
+from artfuse.data.prediction_files import is_own_file
 from artfuse.reporting.plots import plot_label_shift, plot_score_histogram
 
 log = logging.getLogger(__name__)

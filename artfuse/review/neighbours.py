@@ -1,7 +1,8 @@
 """Similar works: the nearest artworks by cosine similarity of the model's embeddings (`label.embeddings=true`).
 
 Exact search by one matrix product over every embedding (numpy). `scripts/similar_bench.py` measures how its
-queries per second fall with the number of artworks; README gives the figures and where they stop being fine.
+queries per second fall with the number of artworks; docs/measurements.md gives the figures and where they
+stop being fine.
 """
 
 from __future__ import annotations

@@ -213,12 +213,13 @@ def _s3_runs(path: str, storage: StorageConfig | None, threads: int) -> Iterator
                 frontier, depth = [root], 0
                 while frontier and len(frontier) < threads * S3_PREFIXES_PER_THREAD and depth < S3_MAX_DEPTH:
                     below = []
-                    for objects, prefixes in pool.map(lambda p: _s3_level(client, bucket, p), frontier):
-                        below.extend(prefixes)
-                        for run in _batched(iter(objects)):
+                    for kind, found in _side_by_side(pool, threads, frontier, lambda p: _s3_level(client, bucket, p)):
+                        if kind == "prefix":
+                            below.append(found)
+                        else:
                             seen = True
-                            yield run
-                    frontier, depth = below, depth + 1
+                            yield found
+                    frontier, depth = sorted(below), depth + 1
                 for run in _side_by_side(pool, threads, frontier, lambda p: _batched(_s3_pages(client, bucket, p))):
                     seen = True
                     yield run
@@ -234,23 +235,29 @@ def _s3_runs(path: str, storage: StorageConfig | None, threads: int) -> Iterator
         raise
 
 
-def _s3_pages(client, bucket: str, prefix: str, delimiter: str = "") -> Iterator[Row]:
+def _s3_pages(client, bucket: str, prefix: str) -> Iterator[Row]:
     """The objects of a ListObjectsV2 pagination (folder markers left out)."""
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter=delimiter):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", ()):
             if not item["Key"].endswith("/"):  # a folder marker, not an object
                 yield f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')
 
 
-def _s3_level(client, bucket: str, prefix: str) -> tuple[list[Row], list[str]]:
-    """The objects directly under `prefix` and its common prefixes (delimiter "/")."""
-    objects, prefixes = [], []
+def _s3_level(client, bucket: str, prefix: str) -> Iterator[tuple[str, list[Row] | str]]:
+    """What lies directly under `prefix` (delimiter "/"): ("prefix", a common prefix) and ("objects", a run of at most
+    LISTING_BATCH objects), as the pages come."""
+    run: list[Row] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+        for common in page.get("CommonPrefixes", ()):
+            yield "prefix", common["Prefix"]
         for item in page.get("Contents", ()):
             if not item["Key"].endswith("/"):
-                objects.append((f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')))
-    return objects, prefixes
+                run.append((f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')))
+            if len(run) == LISTING_BATCH:
+                yield "objects", run
+                run = []
+    if run:
+        yield "objects", run
 
 
 def _side_by_side(

@@ -115,6 +115,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print(result)
         print(format_listing(result))
         return
+    if args.train:
+        from artfuse.pipelines.bench_train import bench_train, format_train_bench
+
+        result = bench_train(_config(args), args.out)
+        _print(result)
+        print(format_train_bench(result))
+        return
     if args.simulate is not None:
         from artfuse.pipelines.bench_simulate import format_simulate, simulate
 
@@ -320,6 +327,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="instead: list an s3:// --archive of N objects flat and side by side (storage.list_threads), and compare",
+    )
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: a bare training step alone and the Ray Train loop on a generated collection, as a ratio",
     )
     p.add_argument(
         "--simulate",

@@ -177,6 +177,11 @@ class BenchConfig:
     height: int = 768
     model_batches: int = 10  # timed model batches
     pipeline_seconds: float = 60.0  # pipeline size: what min(model, decode) labels in this time (start-up is small)
+    # --simulate: every stage's sleep this many times the card's (figures divided back), so that this machine's own
+    # scheduling overhead weighs that much less against the card's times
+    simulate_time_scale: float = 4.0
+    train_images: int = 240  # --train: the generated collection the loop trains on (its train split is 65 %)
+    train_epochs: int = 2  # --train: the last epoch's img/s is the loop's figure; the first warms up
 
 
 @dataclass

@@ -93,3 +93,18 @@ def test_bench_nightly_refuses_an_archive_the_disk_cannot_hold(tmp_path, monkeyp
     assert not Path(archive).exists() and not Path(output).exists()
     monkeypatch.undo()
     bench_nightly.check_free_space(archive, output, jpegs, 1000, 10, load_config(None, []))
+
+
+def test_bench_train_times_the_bare_step_and_the_ray_train_loop(tmp_path, ray_local, capsys):
+    settings = [*TINY, "bench.train_images=30", "bench.model_batches=2", "train.batch_size=4"]
+    out = tmp_path / "train.json"
+    code = main(["bench", "--train", "--out", str(out), *(arg for s in settings for arg in ("--set", s))])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["step_img_s"] > 0 and result["loop_img_s"] > 0
+    assert result["ratio"] == pytest.approx(result["loop_img_s"] / result["step_img_s"], abs=0.01)
+    # The warm-up runs from the start of `train` to the first optimizer step: within the run's own duration.
+    assert 0 < result["warmup_s"] < result["train_duration_s"]
+    assert len(result["loop_img_s_by_epoch"]) == 2 and result["loop_img_s"] == result["loop_img_s_by_epoch"][-1]
+    assert result["config"]["batch_size"] == 4
+    assert "Ray Train loop" in capsys.readouterr().out

@@ -306,8 +306,11 @@ def machine() -> dict:
 
 
 def format_memory(result: dict) -> str:
-    lines = [f"{r['images']:>8d} images: peak {r['peak_pss_mb']:>6d} MB PSS over {r['peak_processes']} processes,"
-             f" {r['img_s']:.1f} img/s" for r in result["runs"]]
+    lines = [
+        f"{r['images']:>8d} images: peak {r['peak_pss_mb']:>6d} MB PSS over {r['peak_processes']} processes,"
+        f" {r['img_s']:.1f} img/s"
+        for r in result["runs"]
+    ]
     return "\n".join([*lines, f"peak growth, largest / smallest collection = {result['peak_growth']:.2f}"])
 
 

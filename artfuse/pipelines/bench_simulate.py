@@ -37,18 +37,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from artfuse.config import Config, ConfigError, LabelConfig
 from artfuse.data import storage
 from artfuse.data.preprocess import CROP_FRACTION
 from artfuse.pipelines.label import LabelModel, label_stages, write_predictions
+from artfuse.pipelines.simulated_read import simulated_read
 
 log = logging.getLogger(__name__)
 GB = 2**30
 PATHS = ("cpu_decode", "gpu_decode")
 TASKS = {"label": [str(i) for i in range(10)]}
-OBJECT_STORE_GB = 4  # per simulated node: far above what the pipeline holds at once (a few GB at batch 256)
+# This machine cannot hold the card's object store (tens of GB a node), so blocks and store shrink by the same factor:
+# Ray Data's budgets then hold the same number of blocks as on the card, which is what its scheduling sees.
+SIMULATED_OBJECT_STORE_GB = 1.0  # a node's object store here
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Timings:
     cpus: int  # a node's CPUs
     gpus: int  # a node's GPUs (one model actor each)
     memory_gb: float  # a node's memory
+    object_store_gb: float  # a node's Ray object store (Ray's default: 30 % of memory)
     batch_size: int  # model and decode batch the rates were measured at
     img_size: int  # model input side; decode emits img_size / CROP_FRACTION, as the package's resize
     jpeg_bytes: int  # one JPEG, as the GPU-decode path carries it to the actor
@@ -84,6 +89,7 @@ class Timings:
                 cpus=int(node["cpus"]),
                 gpus=int(node["gpus"]),
                 memory_gb=float(node["memory_gb"]),
+                object_store_gb=float(node["object_store_gb"]),
                 batch_size=int(raw["batch_size"]),
                 img_size=int(raw["img_size"]),
                 jpeg_bytes=int(raw["jpeg_bytes"]),
@@ -100,33 +106,28 @@ class Timings:
                 "see artfuse/pipelines/timings/h200.json for the keys"
             ) from e
 
+    def slowed(self, factor: float) -> Timings:
+        """The same machine with every rate `factor` times slower."""
+        rates = ("model_img_s", "cpu_decode_task_img_s", "gpu_decode_img_s", "read_task_img_s")
+        return dataclasses.replace(self, **{name: getattr(self, name) / factor for name in rates})
+
+    @property
+    def shrink(self) -> float:
+        """How much smaller than on the card the simulation's objects and object store are."""
+        return self.object_store_gb / SIMULATED_OBJECT_STORE_GB
+
+    @property
+    def decoded_row_bytes(self) -> int:
+        return max(1, round(self.resize * self.resize * 3 / self.shrink))
+
+    @property
+    def encoded_row_bytes(self) -> int:
+        return max(1, round(self.jpeg_bytes / self.shrink))
+
     @property
     def cpu_decode_img_s(self) -> float:
         """CPU decode alone on one node, as `artfuse bench` measures it: one task per CPU, side by side."""
         return self.cpus * self.cpu_decode_task_img_s
-
-
-def simulated_read(
-    batch: dict[str, np.ndarray], *, seconds_per_image: float, resize: int, jpeg_bytes: int, gpu_decode: bool
-) -> dict[str, np.ndarray]:
-    """The CPU stage's stand-in: sleeps what the card's CPUs take for this batch, then emits the real stage's columns
-    at their real sizes (decoded pixels, or with GPU decode each JPEG's bytes)."""
-    n = len(batch["uri"])
-    time.sleep(n * seconds_per_image)
-    out = dict(batch)
-    out.update(
-        width=np.full(n, 1024, np.int32),
-        height=np.full(n, 768, np.int32),
-        format=np.full(n, "JPEG", dtype=object),
-        error=np.full(n, None, dtype=object),
-        sha256=np.full(n, "0" * 64, dtype=object),
-    )
-    if gpu_decode:
-        jpeg = bytes(jpeg_bytes)
-        out.update(encoded=np.full(n, jpeg, dtype=object), encoding=np.full(n, "jpeg", dtype=object))
-    else:
-        out["image"] = np.zeros((n, resize, resize, 3), np.uint8)
-    return out
 
 
 class SimulatedLabelModel(LabelModel):
@@ -144,8 +145,8 @@ class SimulatedLabelModel(LabelModel):
         )
         self.embeddings = False
         self.gpu_decode = gpu_decode
-        self.resize = timings.resize
         self.pause = None
+        self.device = torch.device("cpu")  # no CUDA streams: the locks below stand in for the GPU's engines
         # One GPU: one forward pass at a time, one nvJPEG decode at a time, each free of the other.
         self.forward_engine, self.decode_engine = threading.Lock(), threading.Lock()
         self.rng = np.random.default_rng(0)
@@ -162,7 +163,7 @@ class SimulatedLabelModel(LabelModel):
         n = len(batch["uri"])
         with self.decode_engine:
             time.sleep(n / self.timings.gpu_decode_img_s)
-        return np.zeros((n, self.resize, self.resize, 3), np.uint8), batch["error"].copy()
+        return np.zeros((n, self.timings.decoded_row_bytes), np.uint8), batch["error"].copy()
 
 
 def simulate(
@@ -209,6 +210,10 @@ def simulated_label_config(cfg: LabelConfig, timings: Timings, n_nodes: int) -> 
 
 def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool) -> dict:
     """One simulated label run on a fresh local cluster of `n_nodes` GPU nodes."""
+    scale = cfg.bench.simulate_time_scale
+    if scale <= 0:
+        raise ConfigError(f"bench.simulate_time_scale must be above 0; got {scale}")
+    slowed = timings.slowed(scale)
     lc = simulated_label_config(cfg.label, timings, n_nodes)
     # The real bench's ratio: pipeline / min(model alone, decode alone), decode being the path's own (CPU: one task
     # per CPU; GPU: nvJPEG). The GPU path is also compared with the CPU path's limit (issue goal: 1.5x).
@@ -217,7 +222,12 @@ def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool)
     n_images = max(lc.batch_size * 8, math.ceil(cfg.bench.pipeline_seconds * limit))
     n_images = math.ceil(n_images / lc.batch_size) * lc.batch_size
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-00000000"
-    node = dict(num_cpus=timings.cpus, num_gpus=timings.gpus, object_store_memory=OBJECT_STORE_GB * GB)
+    node = dict(
+        num_cpus=timings.cpus,
+        num_gpus=timings.gpus,
+        object_store_memory=int(SIMULATED_OBJECT_STORE_GB * GB),
+        memory=int((timings.memory_gb - timings.object_store_gb) * GB),
+    )
     cluster = Cluster(initialize_head=True, head_node_args=node | dict(include_dashboard=False))
     try:
         for _ in range(n_nodes - 1):
@@ -225,14 +235,11 @@ def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         read_kwargs = dict(
-            seconds_per_image=1 / (timings.read_task_img_s if gpu_decode else timings.cpu_decode_task_img_s),
-            resize=timings.resize,
-            jpeg_bytes=timings.jpeg_bytes,
+            seconds_per_image=1 / (slowed.read_task_img_s if gpu_decode else slowed.cpu_decode_task_img_s),
+            row_bytes=timings.encoded_row_bytes if gpu_decode else timings.decoded_row_bytes,
             gpu_decode=gpu_decode,
         )
-        actor_kwargs = dict(
-            timings=timings, cfg=lc, run_id=run_id, labelled_at=datetime.now(UTC), gpu_decode=gpu_decode
-        )
+        actor_kwargs = dict(timings=slowed, cfg=lc, run_id=run_id, labelled_at=datetime.now(UTC), gpu_decode=gpu_decode)
         table = pa.table(
             {
                 "uri": [f"s3://simulated/{i:09d}.jpg" for i in range(n_images)],
@@ -254,7 +261,7 @@ def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool)
         cluster.shutdown()
     if written != n_images:
         raise RuntimeError(f"the simulated pipeline wrote {written} rows for {n_images} inputs")
-    pipeline_img_s = n_images / seconds
+    pipeline_img_s = n_images / seconds * scale
     decode_slots = n_nodes * timings.cpus - math.ceil(n_nodes * timings.gpus * lc.cpus_per_actor)
     return {
         "nodes": n_nodes,

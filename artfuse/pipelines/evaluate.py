@@ -89,9 +89,7 @@ def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "te
         vocabs = {task: vocabs[task] for task in collection.tasks}
     missing = [t for t in vocabs if t not in collection.tasks]
     if missing:
-        raise ConfigError(
-            f"{data_uri} has no label column for task(s) {missing}; the model predicts {list(vocabs)}"
-        )
+        raise ConfigError(f"{data_uri} has no label column for task(s) {missing}; the model predicts {list(vocabs)}")
     split = "all" if data_uri else "corrections"
     if collection.fingerprint == training.get("fingerprint"):
         split = held_out if collection.subset(held_out).num_rows else "val"

@@ -11,9 +11,11 @@ Run one labelling job per output at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 MB = 2**20
 DECODE_TASK_MEMORY = 512 * MB  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
 ANTI_JOIN_ROWS = 100_000  # inputs checked against the output at once: a listing batch, or a slice of a larger part
+# A GPU actor takes two batches at once, each on its own CUDA stream: one decodes (nvJPEG) or copies in, or builds
+# its prediction rows on the CPU, while the other runs the model, instead of the GPU waiting for each step in turn.
+GPU_ACTOR_CALLS = 2
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
 
@@ -139,7 +144,8 @@ class LabelModel:
         pause: PauseConfig | None = None,
     ):
         package = load_package(model_uri, storage_config)
-        device = pick_device(cfg.num_gpus_per_actor > 0)
+        self.device = device = pick_device(cfg.num_gpus_per_actor > 0)
+        self.thread = threading.local()  # a GPU actor's calls run in threads (GPU_ACTOR_CALLS), a stream each
         # Ray sets one thread per reserved CPU; a CPU model is the slow stage and decode needs little, so the
         # model may use every core of its node (bench: what this buys on a small machine).
         self.threads = (cfg.torch_threads or node_cpus()) if device.type == "cpu" else 0
@@ -160,9 +166,18 @@ class LabelModel:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pause_point(self.pause, "batch")  # fault tests only: off by default
-        images, error = self.decode_on_device(batch) if self.gpu_decode else decoded_on_cpu(batch)
-        outputs = self.predict(images) if len(images) else {}
+        with self.own_stream():
+            images, error = self.decode_on_device(batch) if self.gpu_decode else decoded_on_cpu(batch)
+            outputs = self.predict(images) if len(images) else {}
         return prediction_rows(batch | {"error": error}, outputs, **self.row_args)
+
+    def own_stream(self) -> contextlib.AbstractContextManager:
+        """On a GPU, this thread's own CUDA stream: calls on the default stream would queue behind each other."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self.thread, "stream"):
+            self.thread.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self.thread.stream)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The model on decoded images (`Predictor`'s output), with this actor's threads."""
@@ -238,24 +253,36 @@ def label_stages(
     with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages."""
     ds = stages.dataset_from_table(table, lc.decode_batch_size)
     ds = ds.map_batches(read, fn_kwargs=read_kwargs, batch_size=lc.decode_batch_size, **decode_resources(lc))
+    calls = GPU_ACTOR_CALLS if lc.num_gpus_per_actor > 0 else 1  # a CPU actor's model already takes every core
     return ds.map_batches(
         actor,
         fn_constructor_kwargs=actor_kwargs,
         batch_size=lc.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=lc.min_actors,
+            max_size=lc.max_actors,
+            max_concurrent_calls_per_actor=calls,
+            enable_true_multi_threading=calls > 1,
+        ),
         runtime_env=actor_runtime_env(lc),
         **actor_resources(lc),
     )
 
 
 def write_predictions(ds: ray.data.Dataset, partition_uri: str, cfg: Config, run_id: str) -> None:
-    """Run the pipeline, writing its rows as this run's Parquet files under `partition_uri`."""
+    """Run the pipeline, writing its rows as this run's Parquet files under `partition_uri`.
+
+    The writers reserve no CPU and are as many as the model actors: writing a batch's rows takes milliseconds, and
+    Ray Data reserves for an operator without a cap a share of the CPUs (a third, with three operators) that the
+    decode tasks then cannot have (simulated on an H200 node's resources: `artfuse bench --simulate`)."""
     fs, root = storage.arrow_filesystem(partition_uri, cfg.storage)
     ds.write_parquet(
         root,
         filesystem=fs,
         min_rows_per_file=max(cfg.label.rows_per_file, 1),
         filename_provider=filename_provider(run_id),
+        concurrency=max(cfg.label.max_actors, 1),
+        ray_remote_args={"num_cpus": 0},
     )
 
 

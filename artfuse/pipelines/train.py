@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +159,16 @@ def prepare_inputs(data_uri: str, cfg: Config) -> TrainInputs:
 
 
 def make_trainer(
-    inputs: TrainInputs, cfg: Config, runs_uri: str, *, name: str = "run", callbacks: list | None = None
+    inputs: TrainInputs,
+    cfg: Config,
+    runs_uri: str,
+    *,
+    name: str = "run",
+    callbacks: list | None = None,
+    started_at: float | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer whose checkpoints live under `runs_uri/name` (rerun with the same pair to resume)."""
+    started_at = started_at or time.time()
     augmented = inputs.train.randomize_block_order()
     if cfg.train.augment:
         # Its own Ray Data stage, re-executed over the decoded cache every epoch: fresh crops each time.
@@ -183,6 +191,7 @@ def make_trainer(
             # The driver draws the workers' bars; in a log (a RayJob's, CI's) a bar prints a line per update, so
             # there each epoch is its one metrics line only.
             progress_bars=sys.stderr.isatty(),
+            started_at=started_at,
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -271,6 +280,8 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "epochs_run": len(history),
         "train_img_s": history[-1]["train_img_s"] if history else None,
         "train_img_s_by_epoch": [h["train_img_s"] for h in history],
+        # seconds from the start to the first optimizer step, per attempt (a resumed run has two)
+        "first_step_s": [h["first_step_s"] for h in history if h.get("first_step_s") is not None],
     }
 
 
@@ -278,7 +289,7 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
     """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
     started = time.time()
     inputs = prepare_inputs(data_uri, cfg)
-    result = make_trainer(inputs, cfg, storage.join(out_uri, "_train")).fit()
+    result = make_trainer(inputs, cfg, storage.join(out_uri, "_train"), started_at=started).fit()
     summary = export_package(result, inputs, cfg, out_uri)
     summary["duration_s"] = round(time.time() - started, 1)
     storage.write_bytes(storage.join(out_uri, "train_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
@@ -370,6 +381,75 @@ def mean_over_tasks(scores: dict, metric: str) -> float:
     return float(np.mean([task[metric] for task in scores["tasks"].values()]))
 
 
+@dataclass
+class TrainStep:
+    """One optimisation step: forward (with the branches' own loss), backward, clip, step, EMA. The loop runs it on
+    Ray Data's batches; `bench --train` times it alone on tensors already on the device."""
+
+    model: torch.nn.Module  # what the step runs: DDP-wrapped when world > 1, maybe compiled
+    raw_model: torch.nn.Module  # the module underneath, whose state dict is saved
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    losses: dict[str, torch.nn.Module]
+    branch_loss: float
+    grad_clip: float
+    autocast: torch.autocast
+
+    def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor], lam: float, step: int) -> torch.Tensor:
+        with self.autocast:
+            logits = self.model(x, branch_logits=True) if self.branch_loss else self.model(x)
+            loss = sum(mixed_loss(self.losses[t], logits[t].float(), targets[t], lam) for t in targets)
+            if self.branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
+                loss = loss + self.branch_loss * sum(
+                    mixed_loss(self.losses[t], logits[f"{branch}.{t}"].float(), targets[t], lam)
+                    for branch in BRANCHES
+                    for t in targets
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.raw_model, step=step + 1)
+        return loss
+
+
+def build_train_step(
+    cfg: Config,
+    vocabs: dict[str, list[str]],
+    device: torch.device,
+    class_weights: dict[str, list[float]] | None,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module],
+) -> TrainStep:
+    """The model, optimiser, losses and EMA of a run; `wrap` prepares the model for the workers (Ray Train's DDP)."""
+    # The EMA (timm's ModelEmaV3) is a second model with its own weights: the averaged ones, steadier on small
+    # collections (the paper's unstable training); its warmup makes the average's horizon grow with the steps.
+    raw_model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
+    if device.type == "cuda":
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = wrap(raw_model)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    weights = class_weights or {}
+    return TrainStep(
+        model=model,
+        raw_model=raw_model,
+        ema=ModelEmaV3(raw_model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None,
+        optimizer=torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.train.lr),
+        losses={
+            task: torch.nn.CrossEntropyLoss(
+                weight=torch.tensor(weights[task], device=device) if task in weights else None,
+                label_smoothing=cfg.train.label_smoothing,
+            )
+            for task in vocabs
+        },
+        branch_loss=cfg.model.branch_loss if cfg.model.arch == "fusion" else 0.0,
+        grad_clip=cfg.train.grad_clip,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    )
+
+
 def train_loop(config: dict) -> None:
     cfg: Config = config["cfg"]
     vocabs: dict[str, list[str]] = config["vocabs"]
@@ -384,37 +464,17 @@ def train_loop(config: dict) -> None:
         threads = cfg.train.torch_threads or max(1, node_cpus() // context.get_local_world_size())
         torch.set_num_threads(threads)
 
-    # nanoGPT's habit: `model` is what the step runs (DDP-wrapped when world > 1, maybe compiled), `raw_model` the
-    # module underneath, whose state dict is saved. The EMA (timm's ModelEmaV3) is a second model with its own
-    # weights: the averaged ones, steadier on small collections (the paper's unstable training); its warmup makes
-    # the average's horizon grow with the steps.
-    raw_model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
-    if device.type == "cuda":
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(raw_model)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay > 0 else None
+    step_fn = build_train_step(cfg, vocabs, device, config["class_weights"], wrap=ray.train.torch.prepare_model)
+    raw_model, ema, optimizer = step_fn.raw_model, step_fn.ema, step_fn.optimizer
     eval_model = ema.module if ema else raw_model
-    groups = param_groups(raw_model, cfg)
-    # read from here, not from the optimizer's groups: a checkpoint's groups replace those, and older ones lack the key
-    waits_for_transformer = [group["pretrained_backbone"] for group in groups]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
-    weights = config["class_weights"] or {}
-    losses = {
-        task: torch.nn.CrossEntropyLoss(
-            weight=torch.tensor(weights[task], device=device) if task in weights else None,
-            label_smoothing=cfg.train.label_smoothing,
-        )
-        for task in vocabs
-    }
-    branch_loss = cfg.model.branch_loss if cfg.model.arch == "fusion" else 0.0
+    # read now: a checkpoint's groups replace these below, and older checkpoints lack the key
+    waits_for_transformer = [group["pretrained_backbone"] for group in optimizer.param_groups]
     steps_per_epoch = math.ceil(config["n_train"] / world / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
     backbone_wait_steps = int(cfg.train.backbone_wait_epochs * steps_per_epoch)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     mixing = np.random.default_rng([cfg.train.seed, rank])
+    first_step_s = None
 
     start_epoch, history = 0, []
     if ray.train.get_checkpoint():
@@ -430,7 +490,7 @@ def train_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
+        step_fn.model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
@@ -447,22 +507,9 @@ def train_loop(config: dict) -> None:
                 preprocess.to_tensor(batch["image"], device), cfg.train.mixup_alpha, cfg.train.cutmix_alpha, mixing
             )
             targets = {t: batch[label_column(t)].to(device) for t in vocabs}
-            with autocast:
-                logits = model(x, branch_logits=True) if branch_loss else model(x)
-                loss = sum(mixed_loss(losses[t], logits[t].float(), targets[t], lam) for t in vocabs)
-                if branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
-                    loss = loss + branch_loss * sum(
-                        mixed_loss(losses[t], logits[f"{branch}.{t}"].float(), targets[t], lam)
-                        for branch in BRANCHES
-                        for t in vocabs
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            if ema:
-                ema.update(raw_model, step=step + 1)
+            loss = step_fn(x, targets, lam, step)
+            if first_step_s is None:
+                first_step_s = round(time.time() - config["started_at"], 2)
             seen += len(x)
             loss_sum += loss.item() * len(x)
             if bar:
@@ -481,6 +528,8 @@ def train_loop(config: dict) -> None:
             "val_accuracy": mean_over_tasks(val, "accuracy"),
             "val_macro_f1": mean_over_tasks(val, "macro_f1"),
         }
+        if epoch == start_epoch:  # this attempt's warm-up: from the driver's start to its first optimizer step
+            metrics["first_step_s"] = first_step_s
         history.append(metrics)
         print(json.dumps(metrics))
         with tempfile.TemporaryDirectory() as d:

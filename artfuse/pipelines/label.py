@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import ray.data
 import torch
 
+from artfuse.cluster.requests import PoolSize, label_pool
 from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
@@ -243,14 +244,23 @@ def prediction_dataset(
         max_pixels=cfg.data.max_pixels,
         pause=cfg.pause,
     )
-    return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc)
+    pool = label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
+    return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc, pool)
 
 
 def label_stages(
-    table: pa.Table, read: Callable, read_kwargs: dict, actor: type, actor_kwargs: dict, lc: LabelConfig
+    table: pa.Table,
+    read: Callable,
+    read_kwargs: dict,
+    actor: type,
+    actor_kwargs: dict,
+    lc: LabelConfig,
+    pool: PoolSize | None = None,
 ) -> ray.data.Dataset:
     """The label pipeline's shape: `table`'s rows in blocks -> `read` as CPU tasks -> `actor` as the model actor pool,
-    with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages."""
+    with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages.
+    `pool` (`label_pool`: fitted to the cluster's nodes) overrides label.min_actors / max_actors."""
+    pool = pool or PoolSize(min=lc.min_actors, max=lc.max_actors, initial=lc.min_actors)
     ds = stages.dataset_from_table(table, lc.decode_batch_size)
     ds = ds.map_batches(read, fn_kwargs=read_kwargs, batch_size=lc.decode_batch_size, **decode_resources(lc))
     calls = GPU_ACTOR_CALLS if lc.num_gpus_per_actor > 0 else 1  # a CPU actor's model already takes every core
@@ -259,8 +269,9 @@ def label_stages(
         fn_constructor_kwargs=actor_kwargs,
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(
-            min_size=lc.min_actors,
-            max_size=lc.max_actors,
+            min_size=pool.min,
+            max_size=pool.max,
+            initial_size=pool.initial,
             max_concurrent_calls_per_actor=calls,
             enable_true_multi_threading=calls > 1,
         ),

@@ -114,6 +114,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print(result)
         print(format_nightly(result))
         return
+    if args.listing:
+        from artfuse.pipelines.bench_nightly import bench_listing, format_listing
+
+        result = bench_listing(_config(args), args.listing, args.archive, args.out)
+        _print(result)
+        print(format_listing(result))
+        return
     if args.train:
         from artfuse.pipelines.bench_train import bench_train, format_train_bench
 
@@ -340,6 +347,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--inventory", action="store_true", help="with --nightly and an s3:// --archive: label from an S3 Inventory"
     )
     p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
+    p.add_argument(
+        "--listing",
+        type=int,
+        metavar="N",
+        help="instead: list an s3:// --archive of N objects flat and side by side (storage.list_threads), and compare",
+    )
     p.add_argument(
         "--train",
         action="store_true",

@@ -62,6 +62,9 @@ class StorageConfig:
     # How long a read waits out an endpoint that does not answer (retrying) before the job fails naming it; a
     # job never turns an outage into per-object error rows.
     patience_s: float = 60.0
+    # S3 prefixes listed at once: a listing splits at the delimiter's common prefixes and lists them side by side
+    # (1 = one flat listing, page after page)
+    list_threads: int = 16
 
 
 @dataclass
@@ -352,6 +355,8 @@ def validate(cfg: Config) -> None:
             "storage.http_timeout_s must be above 0, storage.http_retries and storage.http_backoff_s at least 0, "
             "storage.http_max_per_server at least 1"
         )
+    if st.list_threads < 1:
+        raise ConfigError(f"storage.list_threads must be at least 1 (1: one flat listing); got {st.list_threads}")
 
 
 def check_model(m: ModelConfig) -> None:

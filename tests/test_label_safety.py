@@ -126,8 +126,9 @@ def test_a_foreign_file_is_not_read_as_done(tmp_path):
     out = tmp_path / "out" / "run_date=2026-01-01"
     out.mkdir(parents=True)
     pq.write_table(pa.table({"uri": ["a"], "etag": ["e"], "size": [1]}), out / "theirs.parquet")
-    state = labelled_inputs(str(tmp_path / "out"), None, "20260101T000000-00000000")
-    assert state.done.num_rows == 0 and state.foreign == [str(out / "theirs.parquet")]
+    state = labelled_inputs(str(tmp_path / "out"), None)
+    inputs = pa.table({"uri": ["a"], "etag": ["e"], "size": [1]})
+    assert state.not_done(inputs).equals(inputs) and state.foreign == [str(out / "theirs.parquet")]
 
 
 def held_by_a_dead_run(out: str) -> str:

@@ -21,6 +21,7 @@ import logging
 import posixpath
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -41,6 +42,9 @@ SPLITS = ("train", "val", "test")
 # in no split a run reads.
 LEFT_OUT = "left_out"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+_EMPTY_INPUTS = pa.table(
+    {"uri": pa.array([], pa.string()), "size": pa.array([], pa.int64()), "etag": pa.array([], pa.string())}
+)
 IIIF_COLUMN = "iiif_manifest"  # a manifest column naming a IIIF manifest per row, instead of a path
 # manifest columns that describe the object, not a label of it
 RESERVED_COLUMNS = frozenset(
@@ -136,8 +140,9 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
 
     A manifest's path listed twice is one input (the table's metadata `duplicates` counts the extra rows); a
     path whose object does not exist is kept with size 0 and an empty etag, so it gets its error row."""
-    if inventory.is_inventory(uri, storage):
-        return _inputs_only(inventory.read_inventory(uri, storage), root="s3://")
+    if inventory.is_inventory(uri, storage) or not (_is_manifest(uri) or iiif.is_presentation(uri)):
+        listed = list(iter_inputs(uri, storage, image_size=image_size))
+        return pa.concat_tables([_EMPTY_INPUTS, *listed]).sort_by("uri")
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
         manifest, canvases = _with_iiif_canvases(_read_manifest(uri, storage), root, uri, storage, image_size)
@@ -158,9 +163,22 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
             }
         )
         return table.replace_schema_metadata({"duplicates": str(duplicates)})
-    if iiif.is_presentation(uri):
-        return iiif.list_canvases(uri, storage, image_size=image_size)
-    return _inputs_only(st.list_objects(uri, storage), st.canonical_uri(uri))
+    return iiif.list_canvases(uri, storage, image_size=image_size)
+
+
+def iter_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: int | None = None) -> Iterator[pa.Table]:
+    """`list_inputs` in parts, unsorted: a folder's or S3 prefix's objects batch by batch as they are listed, an
+    S3 Inventory's a data file at a time, so that an archive of millions of objects never sits whole in memory. A
+    manifest or IIIF input comes as one table (it is one file, read whole anyway)."""
+    if inventory.is_inventory(uri, storage):
+        for part in inventory.iter_inventory(uri, storage):
+            yield _inputs_only(part, root="s3://")
+    elif _is_manifest(uri) or iiif.is_presentation(uri):
+        yield list_inputs(uri, storage, image_size=image_size)
+    else:
+        root = st.canonical_uri(uri)
+        for batch in st.iter_objects(uri, storage):
+            yield _inputs_only(batch, root)
 
 
 def _inputs_only(listing: pa.Table, root: str) -> pa.Table:

@@ -8,7 +8,7 @@ EXTRAS := pretrained,test
 PIP_INSTALL = $(BIN)/pip install -q -c $(LOCK)
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test lint lock clean
+.PHONY: demo test test-slow test-all lint lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,9 +25,18 @@ $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/artfuse demo --out demo-out
 
+# `make test` is every test but those marked slow (pyproject.toml's markers): kill-and-resume and fault-injection
+# runs, most on Ray clusters of their own, and a real `ray start` cluster. CI runs `make test`, then `make test-slow`.
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check artfuse tests jobs scripts
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests
+
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q --durations=15 -m slow tests
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/ruff check artfuse tests jobs scripts
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check artfuse tests jobs scripts

@@ -58,9 +58,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from artfuse.pipelines.evaluate import calibrate
+    from artfuse.pipelines.evaluate import calibrate, calibrate_out_of_fold
 
-    _print(calibrate(args.model, args.data, _config(args)))
+    if (args.data is None) == (args.out_of_fold is None):
+        raise ConfigError("calibrate needs one of --data (a validation split) or --out-of-fold (fold runs)")
+    if args.out_of_fold:
+        _print(calibrate_out_of_fold(args.model, args.out_of_fold, _config(args)))
+    else:
+        _print(calibrate(args.model, args.data, _config(args)))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -72,7 +77,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from artfuse.pipelines.ablate import ablate, to_markdown
 
-    print(to_markdown(ablate(args.data, args.out, _config(args), tuple(args.archs), args.seeds)))
+    summary = ablate(args.data, args.out, _config(args), tuple(args.archs), args.seeds, args.folds, args.first_folds)
+    print(to_markdown(summary))
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -107,6 +113,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
         _print(result)
         print(format_nightly(result))
+        return
+    if args.listing:
+        from artfuse.pipelines.bench_nightly import bench_listing, format_listing
+
+        result = bench_listing(_config(args), args.listing, args.archive, args.out)
+        _print(result)
+        print(format_listing(result))
         return
     if args.train:
         from artfuse.pipelines.bench_train import bench_train, format_train_bench
@@ -237,9 +250,14 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="URI", help="model package folder (its artfuse.json is updated)")
     p.add_argument(
         "--data",
-        required=True,
         metavar="URI",
         help="labelled collection (the training collection: its validation split is used)",
+    )
+    p.add_argument(
+        "--out-of-fold",
+        metavar="DIR",
+        help="instead of --data: an `ablate --folds` configuration's <out>/<arch>/seed<k>, whose held folds' "
+        "predictions (every image outside the test split) the temperature and threshold are fitted on",
     )
     _with_config(p)
 
@@ -253,6 +271,20 @@ def _ablate_arguments(p: argparse.ArgumentParser) -> None:
         help="folder for ablation.md/.json, runs.csv and one package per (arch, seed); rerun to skip finished runs",
     )
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="training seeds train.seed .. +N-1 (default 1)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="stratified K-fold cross-validation over the images outside the test split (which no run sees): "
+        "each run trains on K-1 folds and is scored on the one it held out (default 0: the plain split)",
+    )
+    p.add_argument(
+        "--first-folds",
+        type=int,
+        metavar="N",
+        help="with --folds: run only folds 0 .. N-1 this time (a later run with a larger N, or none, goes on)",
+    )
     p.add_argument(
         "--archs",
         nargs="+",
@@ -315,6 +347,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--inventory", action="store_true", help="with --nightly and an s3:// --archive: label from an S3 Inventory"
     )
     p.add_argument("--delete-archive", action="store_true", help="with --nightly: delete the archive at the end")
+    p.add_argument(
+        "--listing",
+        type=int,
+        metavar="N",
+        help="instead: list an s3:// --archive of N objects flat and side by side (storage.list_threads), and compare",
+    )
     p.add_argument(
         "--train",
         action="store_true",
@@ -421,7 +459,7 @@ COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], Non
     (
         "ablate",
         cmd_ablate,
-        "fusion vs cnn_only vs transformer_only on one collection: same split and budget, N seeds, test-split table",
+        "fusion vs cnn_only vs transformer_only on one collection at one budget: N seeds (test-split table) or K folds",
         _ablate_arguments,
     ),
     (

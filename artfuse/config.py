@@ -62,6 +62,9 @@ class StorageConfig:
     # How long a read waits out an endpoint that does not answer (retrying) before the job fails naming it; a
     # job never turns an outage into per-object error rows.
     patience_s: float = 60.0
+    # S3 prefixes listed at once: a listing splits at the delimiter's common prefixes and lists them side by side
+    # (1 = one flat listing, page after page)
+    list_threads: int = 16
 
 
 @dataclass
@@ -72,6 +75,11 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     seed: int = 0  # split seed
+    # k-fold cross-validation (`artfuse ablate --folds K` sets both): with folds = K > 0, the images outside the test
+    # split are dealt into K folds, stratified on the first task; fold `fold` is the validation split (it chooses the
+    # best epoch and gives the figure), the other K - 1 train, and the test split is left out altogether.
+    folds: int = 0
+    fold: int = 0
     max_pixels: int = 64_000_000  # decoded pixels above this are an error (decompression bombs), not an OOM
     max_bytes: int = 256 * 1024 * 1024  # objects larger than this are an error, not read
     corrections: str = ""  # a corrections dataset (artfuse review) whose decisions override and extend the labels
@@ -137,6 +145,10 @@ class LabelConfig:
     # validation split to reach target_accuracy; 0.5 for a package without one), or one number for every task
     review_threshold: float | str = "auto"
     target_accuracy: float = 0.95  # training fits each task's review threshold so accepted predictions reach this
+    # How the fitted threshold reaches target_accuracy on the fitting data's accepted predictions: point = their
+    # accuracy does; wilson = the 95 % one-sided Wilson lower bound of their accuracy does (fewer accepted, but the
+    # target holds on new images more often than when the point estimate of about 130 images just reaches it).
+    threshold_rule: str = "point"
     embeddings: bool = False  # write the fused embedding (float16) per row
     run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
     break_lock: str = ""  # run id of a dead run whose lock on --out this run may take over (README: Guarantees)
@@ -165,6 +177,14 @@ class TuneConfig:
     lr_range: list[float] = field(default_factory=lambda: [3e-4, 3e-3])
     backbone_lr_scale: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3])
     weight_decay_range: list[float] = field(default_factory=lambda: [0.01, 0.1])
+
+
+@dataclass
+class ClusterConfig:
+    # Whether nodes may still join the Ray cluster (an autoscaler): then a request no node holds yet only warns, and
+    # the label job's actor pool is not fitted to today's nodes. auto: yes for a cluster joined through RAY_ADDRESS
+    # (`ray job submit`), no for the local one a job starts on its own machine.
+    autoscaling: bool | str = "auto"
 
 
 @dataclass
@@ -198,6 +218,7 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
 
@@ -210,6 +231,8 @@ CHOICES = {
     "train.class_balance": ("weighted", "none"),
     "pause.point": ("", "epoch", "batch"),
     "label.tta": ("none", "flip"),
+    "label.threshold_rule": ("point", "wilson"),
+    "cluster.autoscaling": ("auto", True, False),
 }
 
 
@@ -293,6 +316,11 @@ def validate(cfg: Config) -> None:
             f"data.test_fraction must be 0 or more and leave images to train on (val_fraction + test_fraction < 1); "
             f"got test_fraction {cfg.data.test_fraction}, val_fraction {cfg.data.val_fraction}"
         )
+    if cfg.data.folds == 1 or cfg.data.folds < 0 or not 0 <= cfg.data.fold < max(cfg.data.folds, 1):
+        raise ConfigError(
+            f"data.folds must be 0 (no folds) or at least 2, and data.fold one of 0 .. folds - 1; "
+            f"got folds {cfg.data.folds}, fold {cfg.data.fold}"
+        )
     for name in ("epochs", "batch_size", "num_workers"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
@@ -327,6 +355,8 @@ def validate(cfg: Config) -> None:
             "storage.http_timeout_s must be above 0, storage.http_retries and storage.http_backoff_s at least 0, "
             "storage.http_max_per_server at least 1"
         )
+    if st.list_threads < 1:
+        raise ConfigError(f"storage.list_threads must be at least 1 (1: one flat listing); got {st.list_threads}")
 
 
 def check_model(m: ModelConfig) -> None:

@@ -25,6 +25,11 @@ CHROMIUM_ARGS = [
 # Tests only: local clusters started by the tests skip Ray's token auth (cluster configs keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train, for every run the tests start (in-process or through the CLI): no preemption watcher (an actor, so one
+# more Ray worker process per run, watching for spot-instance notices no local cluster gets), and the controller
+# polls its workers every 0.5 s instead of 2 s (a tiny run otherwise waits up to 2 s for each step to be noticed).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

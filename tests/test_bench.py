@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from artfuse.cli import main
+from artfuse.config import ConfigError, load_config
 from artfuse.pipelines.bench import gpu_decode_alone, synthetic_jpegs
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
@@ -75,6 +77,22 @@ def test_bench_nightly_labels_exactly_the_new_objects_of_an_archive(tmp_path, ra
         assert 0 <= result[key] <= result["total_s"], key
     assert result["driver_peak_mb"] > 100
     assert not archive.exists() and not Path(f"{archive}.ready").exists()
+
+
+def test_bench_nightly_refuses_an_archive_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """The free-space check runs before anything is written, naming what is needed and what is free."""
+    from artfuse.pipelines import bench_nightly
+
+    real = os.statvfs(tmp_path)
+    small = os.statvfs_result((real.f_bsize, real.f_frsize, 0, 0, 1000, 0, 0, 500, 0, real.f_namemax))
+    monkeypatch.setattr(bench_nightly.os, "statvfs", lambda path: small)
+    jpegs = [b"x" * 1000] * 16
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"need about .* GiB and .* inodes under .* which has 0.0 GiB and 500 free"):
+        bench_nightly.check_free_space(archive, output, jpegs, 10_000_000, 1000, load_config(None, []))
+    assert not Path(archive).exists() and not Path(output).exists()
+    monkeypatch.undo()
+    bench_nightly.check_free_space(archive, output, jpegs, 1000, 10, load_config(None, []))
 
 
 def test_bench_train_times_the_bare_step_and_the_ray_train_loop(tmp_path, ray_local, capsys):

@@ -3,12 +3,9 @@
 import json
 
 import pyarrow.dataset as pads
-import pytest
 
 from artfuse.pipelines.demo import demo
 from artfuse.pipelines.label import prediction_schema
-
-pytestmark = pytest.mark.slow
 
 
 def test_demo_end_to_end(tmp_path, ray_local):

@@ -33,7 +33,9 @@ from artfuse.pipelines.label import (
 )
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
-FAST = ["label.batch_size=16", "label.decode_batch_size=8", "label.rows_per_file=16"]
+# actor_memory_mb: the tiny model needs little, and a busy machine's Ray may see under the default 4 GB + a decode task
+# free (the job would then refuse to start: cluster/requests.py)
+FAST = ["label.batch_size=16", "label.decode_batch_size=8", "label.rows_per_file=16", "label.actor_memory_mb=1024"]
 SMALL = (96, 160)  # generated image sides
 BAD = {"empty.jpg": "empty", "notes.jpg": "not_an_image", "cut.jpg": "truncated"}
 
@@ -192,7 +194,8 @@ def test_cpu_bf16_runs_the_model_in_bf16_close_to_fp32(package):
 def test_plan_keeps_decode_out_of_the_model_actor(package, tmp_path, ray_local, capsys, caplog):
     """Equal requests on both stages would let Ray fuse decode into the actor (docs/architecture.md, stage fusion)."""
     generate_samples(str(tmp_path / "c"), n=6, size_range=SMALL)
-    cfg = load_config(None, [*TINY, "label.decode_cpus=1", "label.cpus_per_actor=1", "label.gpu_decode=true"])
+    settings = ["label.decode_cpus=1", "label.cpus_per_actor=1", "label.gpu_decode=true", "label.actor_memory_mb=1024"]
+    cfg = load_config(None, [*TINY, *settings])
     ds = prediction_dataset(list_inputs(str(tmp_path / "c")), package, cfg, run_id="r", labelled_at=datetime.now(UTC))
     ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import fsspec.implementations.local
@@ -126,8 +125,9 @@ def test_a_foreign_file_is_not_read_as_done(tmp_path):
     out = tmp_path / "out" / "run_date=2026-01-01"
     out.mkdir(parents=True)
     pq.write_table(pa.table({"uri": ["a"], "etag": ["e"], "size": [1]}), out / "theirs.parquet")
-    state = labelled_inputs(str(tmp_path / "out"), None, "20260101T000000-00000000")
-    assert state.done.num_rows == 0 and state.foreign == [str(out / "theirs.parquet")]
+    state = labelled_inputs(str(tmp_path / "out"), None)
+    inputs = pa.table({"uri": ["a"], "etag": ["e"], "size": [1]})
+    assert state.not_done(inputs).equals(inputs) and state.foreign == [str(out / "theirs.parquet")]
 
 
 def held_by_a_dead_run(out: str) -> str:
@@ -153,16 +153,16 @@ def test_one_run_per_output_and_a_safe_takeover_of_a_dead_runs_lock(where, tmp_p
     with pytest.raises(OutputLocked, match=dead):
         with output_lock(out, None, "20260102T000000-cccccccc", break_lock="20991231T000000-00000000"):
             pass
-    barrier, won = threading.Barrier(2), []
+    barrier, won, refused = threading.Barrier(2), [], threading.Event()
 
     def take_over(run_id: str) -> None:
         barrier.wait()
         try:
             with output_lock(out, None, run_id, break_lock=dead) as taken_over:
                 won.append((run_id, taken_over["run_id"]))
-                time.sleep(0.5)  # hold it while the other tries
+                refused.wait(timeout=30)  # hold it until the other has been refused (both winning: no wait forever)
         except OutputLocked:
-            pass
+            refused.set()
 
     runs = [threading.Thread(target=take_over, args=(f"20260102T000000-{c * 8}",)) for c in "de"]
     for run in runs:

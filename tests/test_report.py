@@ -19,7 +19,6 @@ from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import label
 from artfuse.reporting import report
 
-pytestmark = pytest.mark.slow
 SETTINGS = [
     "model.img_size=64",
     "model.d_model=32",

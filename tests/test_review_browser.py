@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from test_train import TINY as TRAIN_TINY
 
 from artfuse.config import load_config
@@ -27,7 +26,6 @@ from artfuse.pipelines.label import LabelModel
 from artfuse.pipelines.train import export_package, make_trainer, prepare_inputs
 from artfuse.review.app import review_server, serve_in_thread
 
-pytestmark = pytest.mark.slow
 TINY = [*TRAIN_TINY, "train.epochs=1"]
 LABEL = ["label.embeddings=true", "label.review_threshold=0.5"]
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec.implementations.local
@@ -175,8 +179,52 @@ def test_s3_listing_is_one_request_not_one_per_object(s3_bucket: str, monkeypatc
         return send(self, operation, params)
 
     monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
-    assert storage.list_objects(f"s3://{s3_bucket}/many").num_rows == 30
+    assert storage.list_objects(f"s3://{s3_bucket}/many", StorageConfig(list_threads=1)).num_rows == 30
     assert requests == ["ListObjectsV2"]  # one page here; 100k objects are 100 pages, never 100k HEADs
+    requests.clear()
+    assert storage.list_objects(f"s3://{s3_bucket}/many").num_rows == 30
+    assert requests == ["ListObjectsV2"] * 4  # side by side: the prefix, then its 3 common prefixes
+
+
+@pytest.fixture(scope="module")
+def tree_on_s3(s3_server: str) -> tuple[str, list[str]]:
+    """A bucket holding a prefix of two S3 pages (1,000 keys a page), objects beside folders at every
+    level, an empty prefix (only a folder marker), a tree deeper than a listing looks, and a file named like a
+    folder's neighbour; returns the bucket and its keys."""
+    import boto3
+
+    bucket = f"tree-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=bucket)
+    keys = [f"arc/big/{i:05d}.jpg" for i in range(1234)]
+    keys += [f"arc/big/sub/{i}.jpg" for i in range(3)]
+    keys += ["arc/direct.jpg", "arc/big.jpg", "arc/big-x/1.jpg", "arc/empty/", "arc/small/a/1.jpg", "arc/small/2.png"]
+    keys += ["arc/deep/a/b/c/d/e/f/g.jpg", "arc/deep/a/b/c/d/h.jpg", "arc/deep/a/i.jpg", "elsewhere/not-listed.jpg"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket, Key=key, Body=key.encode()), keys))
+    return bucket, keys
+
+
+@pytest.mark.parametrize(("threads", "per_thread"), [(16, 4), (2, 1), (3, 2)])
+def test_concurrent_s3_listing_equals_a_flat_one(tree_on_s3, threads, per_thread, monkeypatch) -> None:
+    """Prefixes listed side by side give exactly the flat listing, page boundaries and empty prefixes included. Each
+    parameter pair takes another path: prefixes found a level at a time down to the deepest (16 threads look for 64
+    prefixes, more than there are), or listed flat (with their pages) after one level or two."""
+    bucket, keys = tree_on_s3
+    monkeypatch.setattr(storage, "S3_PREFIXES_PER_THREAD", per_thread)
+    expected = sorted(f"s3://{bucket}/{k}" for k in keys if k.startswith("arc/") and not k.endswith("/"))
+    runs = list(storage.iter_objects(f"s3://{bucket}/arc", StorageConfig(list_threads=threads)))
+    assert max(run.num_rows for run in runs) <= storage.LISTING_BATCH
+    side_by_side = pa.concat_tables(runs).sort_by("uri")
+    assert side_by_side["uri"].to_pylist() == expected
+    assert side_by_side.equals(flat_listing(f"s3://{bucket}/arc"))
+    for uri in (f"s3://{bucket}/arc/big/00007.jpg", f"s3://{bucket}/arc/empty"):  # one object; a marker alone
+        assert storage.list_objects(uri, StorageConfig(list_threads=threads)).equals(flat_listing(uri)), uri
+
+
+@functools.cache
+def flat_listing(uri: str) -> pa.Table:
+    return storage.list_objects(uri, StorageConfig(list_threads=1))
 
 
 def test_a_long_listing_logs_its_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
@@ -190,5 +238,5 @@ def test_a_long_listing_logs_its_progress(tmp_path: Path, monkeypatch: pytest.Mo
         listing = storage.list_objects(str(tmp_path))
     assert listing.num_rows == 15 and listing["uri"].to_pylist() == sorted(listing["uri"].to_pylist())
     progress = [r.getMessage() for r in caplog.records if "objects so far" in r.getMessage()]
-    assert len(progress) == 15 and progress[-1].endswith("15 objects so far")
-    assert caplog.records[-1].getMessage() == f"listed {tmp_path}: 15 objects in 0 s"
+    assert len(progress) == 4 and progress[-1].endswith("15 objects so far")  # a line per batch of 4
+    assert re.fullmatch(rf"listed {re.escape(str(tmp_path))}: 15 objects in \d+ s", caplog.records[-1].getMessage())

@@ -139,7 +139,6 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     assert err.startswith("artfuse tune: error:") and "\n" not in err
 
 
-@pytest.mark.slow
 def test_asha_stops_the_trials_below_the_cutoff_and_the_table_says_so(tmp_path, ray_local):
     from artfuse.data.samples import generate_samples
     from artfuse.pipelines.tune import tune
@@ -238,7 +237,7 @@ def test_a_run_counts_as_finished_only_once_it_has_checkpointed_every_epoch(tmp_
     assert finished_run_metrics(str(tmp_path / "never-started"), load_config(None, ["train.epochs=2"])) is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two CLI searches, each with the local Ray it starts (and the first killed with it)
 def test_search_survives_a_kill_and_its_best_package_labels(tmp_path, request):
     from artfuse.data.samples import generate_samples
 

@@ -6,7 +6,8 @@ URIs. Sizes and etags come from one listing of the root, never a request per obj
 stratified on the first task and decided per image by a seeded hash of its path below the root, so it is
 deterministic and the same for a local copy and an S3 copy of a collection. Three splits: `train` (learns), `val`
 (chooses the best epoch and any setting) and `test` (chose nothing, reports the figure); `data.test_fraction=0`
-gives the older train / val split, whose figures are validation figures.
+gives the older train / val split, whose figures are validation figures. `data.folds` deals the images outside the
+test split into stratified folds for cross-validation (one fold is val, the rest train, the test split is left out).
 
 A manifest row may name a IIIF manifest instead of a path (`iiif_manifest` column): each of its canvases'
 images becomes a row with that row's labels, fetched at the size the model decodes (artfuse.data.iiif). The
@@ -20,6 +21,7 @@ import logging
 import posixpath
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -36,7 +38,13 @@ logger = logging.getLogger(__name__)
 
 FOLDER_TASK = "label"
 SPLITS = ("train", "val", "test")
+# Under data.folds, the test split's rows: in the table (the fingerprint is the collection's, whatever the split) but
+# in no split a run reads.
+LEFT_OUT = "left_out"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+_EMPTY_INPUTS = pa.table(
+    {"uri": pa.array([], pa.string()), "size": pa.array([], pa.int64()), "etag": pa.array([], pa.string())}
+)
 IIIF_COLUMN = "iiif_manifest"  # a manifest column naming a IIIF manifest per row, instead of a path
 # manifest columns that describe the object, not a label of it
 RESERVED_COLUMNS = frozenset(
@@ -108,6 +116,8 @@ def load_collection(
         raise ConfigError(f"{uri} lists {duplicate} more than once: each image may appear once")
     keys = [split_keys.get(u) or _key_below(root, u) for u in uris]
     split = given_split or _stratified_split(keys, labels[tasks[0]], tasks[0], data)
+    if data.folds:
+        split = _fold_split(keys, labels[tasks[0]], split, tasks[0], data)
     table = pa.table(
         {
             "uri": pa.array(uris, pa.string()),
@@ -130,8 +140,9 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
 
     A manifest's path listed twice is one input (the table's metadata `duplicates` counts the extra rows); a
     path whose object does not exist is kept with size 0 and an empty etag, so it gets its error row."""
-    if inventory.is_inventory(uri, storage):
-        return _inputs_only(inventory.read_inventory(uri, storage), root="s3://")
+    if inventory.is_inventory(uri, storage) or not (_is_manifest(uri) or iiif.is_presentation(uri)):
+        listed = list(iter_inputs(uri, storage, image_size=image_size))
+        return pa.concat_tables([_EMPTY_INPUTS, *listed]).sort_by("uri")
     if _is_manifest(uri):
         root = posixpath.dirname(st.canonical_uri(uri))
         manifest, canvases = _with_iiif_canvases(_read_manifest(uri, storage), root, uri, storage, image_size)
@@ -152,9 +163,22 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: i
             }
         )
         return table.replace_schema_metadata({"duplicates": str(duplicates)})
-    if iiif.is_presentation(uri):
-        return iiif.list_canvases(uri, storage, image_size=image_size)
-    return _inputs_only(st.list_objects(uri, storage), st.canonical_uri(uri))
+    return iiif.list_canvases(uri, storage, image_size=image_size)
+
+
+def iter_inputs(uri: str, storage: StorageConfig | None = None, *, image_size: int | None = None) -> Iterator[pa.Table]:
+    """`list_inputs` in parts, unsorted: a folder's or S3 prefix's objects batch by batch as they are listed, an
+    S3 Inventory's a data file at a time, so that an archive of millions of objects never sits whole in memory. A
+    manifest or IIIF input comes as one table (it is one file, read whole anyway)."""
+    if inventory.is_inventory(uri, storage):
+        for part in inventory.iter_inventory(uri, storage):
+            yield _inputs_only(part, root="s3://")
+    elif _is_manifest(uri) or iiif.is_presentation(uri):
+        yield list_inputs(uri, storage, image_size=image_size)
+    else:
+        root = st.canonical_uri(uri)
+        for batch in st.iter_objects(uri, storage):
+            yield _inputs_only(batch, root)
 
 
 def _inputs_only(listing: pa.Table, root: str) -> pa.Table:
@@ -376,6 +400,36 @@ def _stratified_split(keys: list[str], labels: list[str], task: str, data: DataC
         for row in ranked[test_end:val_end]:
             split[row] = "val"
     return split
+
+
+def _fold_split(keys: list[str], labels: list[str], split: list[str], task: str, data: DataConfig) -> list[str]:
+    """Fold `data.fold` of `data.folds` as val, the other folds as train; the test split's rows are LEFT_OUT.
+
+    Per label, the non-test keys ranked by a seeded hash are dealt to the folds in turn, so each fold holds each label's
+    share to within one key; the turn carries over from label to label, so the folds' sizes differ by at most one key.
+    A key's images (one IIIF object's views) share a fold."""
+    keys_by_label: dict[str, dict[str, None]] = defaultdict(dict)  # ordered sets
+    for row, label in enumerate(labels):
+        if split[row] != "test":
+            keys_by_label[label][keys[row]] = None
+    for label in sorted(keys_by_label):
+        if len(keys_by_label[label]) < data.folds:
+            raise ConfigError(
+                f"label '{label}' of task '{task}' has {len(keys_by_label[label])} image(s) outside the test split; "
+                f"data.folds={data.folds} needs at least one per fold: ask for fewer folds or add images"
+            )
+    fold_of: dict[str, int] = {}
+    turn = 0
+    for label in sorted(keys_by_label):
+        for key in sorted(
+            keys_by_label[label], key=lambda k: hashlib.sha256(f"{data.seed}\0fold\0{k}".encode()).digest()
+        ):
+            fold_of[key] = turn % data.folds
+            turn += 1
+    return [
+        LEFT_OUT if s == "test" else "val" if fold_of[key] == data.fold else "train"
+        for s, key in zip(split, keys, strict=True)
+    ]
 
 
 def _take_whole_keys(ranked: list[int], keys: list[str], start: int, n: int) -> int:

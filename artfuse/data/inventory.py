@@ -20,7 +20,9 @@ import io
 import json
 import posixpath
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from urllib.parse import quote_plus, unquote_plus
 
@@ -38,12 +40,17 @@ FORMATS = ("CSV", "Parquet", "ORC")
 READ_THREADS = 8  # data files are fetched side by side (an inventory of 10M objects is tens of files)
 CSV_SCHEMA = "Bucket, Key, Size, LastModifiedDate, ETag"  # what `write_inventory` writes
 ARN_PREFIX = "arn:aws:s3:::"
+_EMPTY = pa.table(
+    {"uri": pa.array([], pa.string()), "size": pa.array([], pa.int64()), "etag": pa.array([], pa.string())}
+)
 
 
 def is_inventory(uri: str, storage: StorageConfig | None = None) -> bool:
     """A manifest.json on storage whose JSON names a sourceBucket and a fileFormat (a IIIF manifest may have the
     same name, so the content decides)."""
-    if posixpath.basename(uri.rstrip("/")) != MANIFEST_NAME or ("://" in uri and not uri.startswith(("s3://", "file://"))):
+    if posixpath.basename(uri.rstrip("/")) != MANIFEST_NAME or (
+        "://" in uri and not uri.startswith(("s3://", "file://"))
+    ):
         return False
     try:
         manifest = json.loads(st.read_bytes(uri, storage))
@@ -57,6 +64,12 @@ def read_inventory(uri: str, storage: StorageConfig | None = None) -> pa.Table:
 
     Delete markers, older versions and folder markers (keys ending in "/") are left out.
     """
+    return pa.concat_tables([_EMPTY, *iter_inventory(uri, storage)]).sort_by("uri")
+
+
+def iter_inventory(uri: str, storage: StorageConfig | None = None) -> Iterator[pa.Table]:
+    """`read_inventory` a data file at a time (each sorted by uri), READ_THREADS read ahead: an inventory of tens of
+    millions of objects never sits whole in memory."""
     manifest = _read_manifest(uri, storage)
     fmt = manifest["fileFormat"]
     data_uris = [_data_file_uri(uri, manifest, f["key"]) for f in manifest["files"]]
@@ -70,14 +83,16 @@ def read_inventory(uri: str, storage: StorageConfig | None = None) -> pa.Table:
         checksum = entry.get("MD5checksum")
         if checksum and hashlib.md5(raw).hexdigest() != checksum:
             raise ConfigError(f"inventory data file {data_uri} does not match its MD5checksum in {uri}: copy it again")
-        return _objects(_read_data_file(raw, fmt, manifest.get("fileSchema", ""), data_uri), fmt)
+        return _objects(_read_data_file(raw, fmt, manifest.get("fileSchema", ""), data_uri), fmt).sort_by("uri")
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        tables = list(pool.map(read, zip(data_uris, manifest["files"], strict=True)))
-    if not tables:
-        return pa.table({"uri": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
-                         "etag": pa.array([], pa.string())})  # fmt: skip
-    return pa.concat_tables(tables).sort_by("uri")
+        ahead: deque[Future] = deque()
+        for item in zip(data_uris, manifest["files"], strict=True):
+            ahead.append(pool.submit(read, item))
+            if len(ahead) > READ_THREADS:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _read_manifest(uri: str, storage: StorageConfig | None) -> dict:

@@ -13,9 +13,12 @@ import fcntl
 import logging
 import os
 import posixpath
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -36,12 +39,14 @@ FILE_PREFIX = "file://"
 # An endpoint that does not answer (refused, reset, timed out), as opposed to an answer about the object.
 UNREACHABLE = (ConnectionError, TimeoutError, botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
 T = TypeVar("T")
+LISTING_BATCH = 10_000  # listed objects gathered as Python tuples before they become Arrow columns
+S3_PREFIXES_PER_THREAD = 4  # a concurrent S3 listing looks for this many prefixes per thread before listing them
+S3_MAX_DEPTH = 4  # ... and looks no deeper than this many levels below the listed prefix
+LISTING_PROGRESS_S = 10.0  # a listing that takes longer logs a progress line this often
 
 
 class StorageUnavailable(RuntimeError):
     """The storage endpoint did not answer for `storage.patience_s`."""
-LISTING_BATCH = 10_000  # listed objects gathered as Python tuples before they become Arrow columns
-LISTING_PROGRESS_S = 10.0  # a listing that takes longer logs a progress line this often
 
 
 def canonical_uri(uri: str) -> str:
@@ -94,45 +99,74 @@ def list_objects(
 ) -> pa.Table:
     """Every object under `uri` (recursive; a file lists itself) as a table of uri, size, etag, sorted by uri.
 
-    Paginated listings (no request per object), streamed a folder at a time into Arrow columns with a progress
-    line every LISTING_PROGRESS_S, so that millions of objects neither hold a Python dict each nor leave the job
-    silent for minutes. `etag` is the S3 ETag, or for local files the mtime in nanoseconds, so that a changed
-    object gets a new value. `suffixes` keeps names ending in one of them, ignoring case.
+    `iter_objects`' batches in one table: for a listing that fits in memory. `etag` is the S3 ETag, or for local
+    files the mtime in nanoseconds, so that a changed object gets a new value. `suffixes` keeps names ending in one
+    of them, ignoring case.
+    """
+    batches = list(iter_objects(uri, storage, suffixes=suffixes))
+    return pa.concat_tables(batches or [_listing_table([])]).sort_by("uri")
+
+
+def iter_objects(
+    uri: str, storage: StorageConfig | None = None, *, suffixes: tuple[str, ...] | None = None
+) -> Iterator[pa.Table]:
+    """Every object under `uri` (recursive; a file lists itself) as tables of at most LISTING_BATCH rows (uri, size,
+    etag), each of keys close together in sort order (one S3 prefix's pages; a few neighbouring local folders),
+    though not sorted. Raises ConfigError when nothing is there.
+
+    Paginated listings (no request per object), with a progress line every LISTING_PROGRESS_S, so that millions of
+    objects neither hold a Python dict each nor leave the job silent for minutes; S3 prefixes are listed side by
+    side (`storage.list_threads`).
     """
     fs, path = resolve(uri, storage)
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
     started = last_progress = time.monotonic()
-    batches: list[pa.RecordBatch] = []
-    rows: list[tuple[str, int, str]] = []
     count = 0
-    objects = _s3_objects(path, storage) if uri.startswith(S3_PREFIX) else _local_objects(path)
+    if uri.startswith(S3_PREFIX):
+        threads = (storage or StorageConfig()).list_threads
+        runs = _s3_runs(path, storage, threads)
+    else:
+        runs = _batched(_local_objects(path))
     try:
-        for name, size, etag in objects:
-            if wanted is not None and not name.lower().endswith(wanted):
-                continue
-            rows.append((_to_uri(uri, name), size, etag))
-            if len(rows) == LISTING_BATCH:
-                batches.append(_listing_batch(rows))
-                count, rows = count + len(rows), []
+        for run in runs:
+            rows = [
+                (_to_uri(uri, name), size, etag)
+                for name, size, etag in run
+                if wanted is None or name.lower().endswith(wanted)
+            ]
+            count += len(rows)
             if time.monotonic() - last_progress > LISTING_PROGRESS_S:
                 last_progress = time.monotonic()
-                log.info("listing %s: %d objects so far", uri, count + len(rows))
+                log.info("listing %s: %d objects so far", uri, count)
+            if rows:
+                yield _listing_table(rows)
     except FileNotFoundError:
         pass
     except PermissionError as e:
         raise ConfigError(f"access denied listing {uri}: check the AWS credentials and bucket policy") from e
-    batches.append(_listing_batch(rows))
-    count += len(rows)
     if not count and not fs.exists(path):
         raise ConfigError(f"collection path not found: {uri}")
     if time.monotonic() - started > LISTING_PROGRESS_S:
         log.info("listed %s: %d objects in %.0f s", uri, count, time.monotonic() - started)
-    return pa.Table.from_batches(batches).sort_by("uri")
 
 
-def _local_objects(path: str) -> Iterator[tuple[str, int, str]]:
-    """(path, size, etag) of every file under `path` (or `path` itself), one folder at a time (os.scandir: the
-    file type comes with the folder's entries, so only files cost a stat)."""
+Row = tuple[str, int, str]  # (path as the filesystem names it, size, etag)
+
+
+def _batched(rows: Iterator[Row]) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == LISTING_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _local_objects(path: str) -> Iterator[Row]:
+    """(path, size, etag) of every file under `path` (or `path` itself), one folder at a time in name order
+    (os.scandir: the file type comes with the folder's entries, so only files cost a stat)."""
     if not os.path.isdir(path):
         stat = os.stat(path)  # FileNotFoundError: nothing there
         yield path, stat.st_size, _mtime_etag(stat.st_mtime)
@@ -143,34 +177,55 @@ def _local_objects(path: str) -> Iterator[tuple[str, int, str]]:
             entries = os.scandir(folders.pop())
         except FileNotFoundError:
             continue  # removed while we listed
+        below = []
         with entries:
             for entry in entries:
                 try:
                     if entry.is_dir():
-                        folders.append(entry.path)
+                        below.append(entry.path)
                         continue
                     stat = entry.stat()
                 except FileNotFoundError:
                     continue
                 yield entry.path, stat.st_size, _mtime_etag(stat.st_mtime)
+        folders.extend(sorted(below, reverse=True))  # the first in name order is listed next
 
 
-def _s3_objects(path: str, storage: StorageConfig | None) -> Iterator[tuple[str, int, str]]:
-    """("bucket/key", size, etag) of every object under `path` ("bucket/prefix", or one object's "bucket/key"), from
-    one flat paginated ListObjectsV2 (1,000 keys a request), page by page."""
+def _s3_runs(path: str, storage: StorageConfig | None, threads: int) -> Iterator[list[Row]]:
+    """("bucket/key", size, etag) of every object under `path` ("bucket/prefix", or one object's "bucket/key") in
+    runs of at most LISTING_BATCH rows, each from one prefix's pages (sorted within a run).
+
+    With one thread, one flat paginated ListObjectsV2 (1,000 keys a request). With more, the delimiter's common
+    prefixes are found a level at a time (each level's prefixes listed side by side) until there are
+    S3_PREFIXES_PER_THREAD per thread or no level is left, and then each prefix is listed flat, `threads` at a time:
+    the same objects, with the round trips of many prefixes overlapping."""
     bucket, _, prefix = path.partition("/")
     client = _s3_client(storage)
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    root = f"{prefix}/" if prefix else ""
     seen = False
     try:
-        for page in pages:
-            for item in page.get("Contents", ()):
-                if not item["Key"].endswith("/"):  # a folder marker, not an object
+        if threads <= 1:
+            for run in _batched(_s3_pages(client, bucket, root)):
+                seen = True
+                yield run
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                frontier, depth = [root], 0
+                while frontier and len(frontier) < threads * S3_PREFIXES_PER_THREAD and depth < S3_MAX_DEPTH:
+                    below = []
+                    for kind, found in _side_by_side(pool, threads, frontier, lambda p: _s3_level(client, bucket, p)):
+                        if kind == "prefix":
+                            below.append(found)
+                        else:
+                            seen = True
+                            yield found
+                    frontier, depth = sorted(below), depth + 1
+                for run in _side_by_side(pool, threads, frontier, lambda p: _batched(_s3_pages(client, bucket, p))):
                     seen = True
-                    yield f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')
+                    yield run
         if not seen and prefix:
             head = client.head_object(Bucket=bucket, Key=prefix)
-            yield path, int(head["ContentLength"]), str(head["ETag"]).strip('"')
+            yield [(path, int(head["ContentLength"]), str(head["ETag"]).strip('"'))]
     except botocore.exceptions.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("AccessDenied", "403"):
@@ -180,19 +235,92 @@ def _s3_objects(path: str, storage: StorageConfig | None) -> Iterator[tuple[str,
         raise
 
 
+def _s3_pages(client, bucket: str, prefix: str) -> Iterator[Row]:
+    """The objects of a ListObjectsV2 pagination (folder markers left out)."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", ()):
+            if not item["Key"].endswith("/"):  # a folder marker, not an object
+                yield f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')
+
+
+def _s3_level(client, bucket: str, prefix: str) -> Iterator[tuple[str, list[Row] | str]]:
+    """What lies directly under `prefix` (delimiter "/"): ("prefix", a common prefix) and ("objects", a run of at most
+    LISTING_BATCH objects), as the pages come."""
+    run: list[Row] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for common in page.get("CommonPrefixes", ()):
+            yield "prefix", common["Prefix"]
+        for item in page.get("Contents", ()):
+            if not item["Key"].endswith("/"):
+                run.append((f"{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"]).strip('"')))
+            if len(run) == LISTING_BATCH:
+                yield "objects", run
+                run = []
+    if run:
+        yield "objects", run
+
+
+def _side_by_side(
+    pool: ThreadPoolExecutor, threads: int, items: list[str], produce: Callable[[str], Iterator[T]]
+) -> Iterator[T]:
+    """What `produce(item)` yields for every item, `threads` items at a time, in the order it arrives. A bounded
+    queue holds the producers back while the consumer is busy, so memory stays a few batches per thread."""
+    arrived: queue.Queue = queue.Queue(maxsize=2 * threads)
+    stop = threading.Event()
+    finished = object()
+
+    def hand_over(value) -> bool:
+        while not stop.is_set():
+            try:
+                arrived.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(item: str) -> None:
+        try:
+            for value in produce(item):
+                if not hand_over((None, value)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            hand_over((e, None))
+        finally:
+            hand_over((finished, None))
+
+    futures = [pool.submit(work, item) for item in items]
+    remaining = len(items)
+    try:
+        while remaining:
+            error, value = arrived.get()
+            if error is finished:
+                remaining -= 1
+            elif error is not None:
+                raise error
+            else:
+                yield value
+    finally:
+        stop.set()
+        for future in futures:
+            future.cancel()
+
+
 def _s3_client(storage: StorageConfig | None):
     """A botocore S3 client with the same endpoint, region, credentials chain and anonymity as `resolve`'s s3fs."""
     cfg = storage or StorageConfig()
-    config = botocore.config.Config(signature_version=botocore.UNSIGNED) if cfg.anon else None
+    # one connection per listing thread (botocore keeps 10), so that side-by-side requests do not queue for one
+    config = botocore.config.Config(max_pool_connections=max(10, cfg.list_threads))
+    if cfg.anon:
+        config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))
     session = botocore.session.get_session()
     return session.create_client(
         "s3", endpoint_url=_endpoint_url(cfg) or None, region_name=cfg.region or None, config=config
     )
 
 
-def _listing_batch(rows: list[tuple[str, int, str]]) -> pa.RecordBatch:
+def _listing_table(rows: list[Row]) -> pa.Table:
     uris, sizes, etags = zip(*rows, strict=True) if rows else ((), (), ())
-    return pa.record_batch(
+    return pa.table(
         [pa.array(uris, pa.string()), pa.array(sizes, pa.int64()), pa.array(etags, pa.string())],
         names=["uri", "size", "etag"],
     )
@@ -260,7 +388,6 @@ def read_versioned(uri: str, storage: StorageConfig | None = None) -> tuple[byte
     """`uri`'s content and a version (S3 ETag; inode and mtime locally) for `replace_if_unchanged`."""
     fs, path = resolve(uri, storage)
     if uri.startswith(S3_PREFIX):
-
         bucket, _, key = path.partition("/")
 
         def read() -> tuple[bytes, str]:

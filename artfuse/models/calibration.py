@@ -56,17 +56,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(np.clip(log_t.item(), low, high)))
 
 
-def fit_task(logits: np.ndarray, labels: np.ndarray, target_accuracy: float) -> dict:
-    """Temperature and review threshold for one task, with the figures that justify them."""
+def fit_task(logits: np.ndarray, labels: np.ndarray, target_accuracy: float, rule: str = "point") -> dict:
+    """Temperature and review threshold for one task (lowest_threshold's `rule`), with the figures that justify them."""
     labels = np.asarray(labels, np.int64)
     temperature = fit_temperature(logits, labels)
     raw, calibrated = softmax(logits), softmax(logits, temperature)
     correct = raw.argmax(1) == labels
-    accepted = lowest_threshold(calibrated.max(1), correct, target_accuracy)
+    accepted = lowest_threshold(calibrated.max(1), correct, target_accuracy, rule)
     return {
         "temperature": temperature,
         "review_threshold": accepted["threshold"],
         "target_accuracy": target_accuracy,
+        "threshold_rule": rule,
         "accepted_share": accepted["coverage"],  # of the fitting data, at the threshold
         "accepted_accuracy": accepted["accuracy"],
         "ece": expected_calibration_error(calibrated.max(1), correct),
@@ -76,10 +77,14 @@ def fit_task(logits: np.ndarray, labels: np.ndarray, target_accuracy: float) -> 
 
 
 def fit_calibration(
-    logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], target_accuracy: float, fitted_on: str
+    logits: Mapping[str, np.ndarray],
+    labels: Mapping[str, np.ndarray],
+    target_accuracy: float,
+    fitted_on: str,
+    rule: str = "point",
 ) -> dict:
     """The package's `calibration` entry: per task `fit_task`'s dict; `fitted_on` says which data."""
-    tasks = {task: fit_task(logits[task], labels[task], target_accuracy) for task in logits}
+    tasks = {task: fit_task(logits[task], labels[task], target_accuracy, rule) for task in logits}
     for task, fit in tasks.items():
         log.info(
             "calibration %s: temperature %.3f, ECE %.3f -> %.3f, review below %s (%.0f%% accepted at %.3f accuracy)",

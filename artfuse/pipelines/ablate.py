@@ -1,14 +1,19 @@
-"""The paper's ablation on any collection: every architecture on the same split at the same budget, for N seeds.
+"""The paper's ablation on any collection: every architecture on the same split at the same budget, for N seeds, or
+cross-validated over K folds.
 
 Under `--out`:
   <arch>/seed<k>/          the package of that run (plus ablation_run.json); kept, so each can be evaluated elsewhere
+  <arch>/seed<k>/fold<f>/  with --folds: the run that held out fold f (its validation split; data.folds, data.fold)
   _train/<arch>-seed<k>/   its Ray Train checkpoints while it runs (a run killed midway resumes from its last epoch)
-  runs.csv                 one row per finished (arch, seed)
+  runs.csv                 one row per finished (arch, seed[, fold])
   ablation.md / .json      per architecture: mean and std of accuracy and macro-F1, and the recall of the minority
-                           classes, on the test split (the validation split only chose the best epoch)
+                           classes, with a 95 % t-interval of the mean over the runs; on the test split (the validation
+                           split only chose the best epoch), or with --folds on each run's held fold (which also chose
+                           its best epoch; the test split is left out of every fold run, so nothing is chosen on it)
 
-A rerun with the same `--out` skips every finished (arch, seed) run, after checking that it was trained on the same
-collection with the same configuration apart from the seed, so a long ablation can be run in pieces.
+A rerun with the same `--out` skips every finished run, after checking that it was trained on the same collection with
+the same configuration apart from the seed and fold, so a long ablation can be run in pieces (`--first-folds N` stops
+after the first N folds of every arch: a cross-validation that is cut short still compares like with like).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from artfuse.pipelines.train import (
     prepare_inputs,
     preprocess_for,
 )
+from artfuse.reporting.metrics import mean_interval
 
 log = logging.getLogger(__name__)
 ARCHS = CHOICES["model.arch"]
@@ -42,52 +48,76 @@ RUN_RECORD = "ablation_run.json"  # in each run's package folder: its row, confi
 SCORES = ("accuracy", "macro_f1")
 
 
-def ablate(data_uri: str, out_uri: str, cfg: Config, archs: tuple[str, ...] = ARCHS, seeds: int = 1) -> dict:
-    """Train every arch in `archs` for training seeds train.seed .. train.seed + seeds - 1; returns the summary
-    (also written to ablation.json / ablation.md, and each run's row to runs.csv)."""
+def ablate(
+    data_uri: str,
+    out_uri: str,
+    cfg: Config,
+    archs: tuple[str, ...] = ARCHS,
+    seeds: int = 1,
+    folds: int = 0,
+    first_folds: int | None = None,
+) -> dict:
+    """Train every arch in `archs` for training seeds train.seed .. train.seed + seeds - 1, and with `folds` = K once
+    per fold (the first `first_folds` of them only, when given); returns the summary (also written to ablation.json /
+    ablation.md, and each run's row to runs.csv)."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1; got {seeds}")
+    if folds == 1 or folds < 0 or (first_folds is not None and not 1 <= first_folds <= max(folds, 1)):
+        raise ConfigError(
+            f"--folds must be 0 (none) or at least 2, --first-folds 1 .. folds; got {folds}, {first_folds}"
+        )
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise ConfigError(f"unknown architecture(s) {unknown}: choose from {', '.join(ARCHS)}")
-    collection = load_collection(data_uri, cfg.data, cfg.storage)
-    inputs: TrainInputs | None = None  # decoded once, only if some run is still to do, then shared by every run
+    # A run per (seed, fold): fold None is the plain split. Fold by fold within a seed, so an ablation stopped early
+    # has every architecture at the same folds and seeds.
+    plan = [
+        (seed, fold)
+        for seed in range(cfg.train.seed, cfg.train.seed + seeds)
+        for fold in (range(first_folds or folds) if folds else [None])
+    ]
+    collection = load_collection(data_uri, dataclasses.replace(cfg.data, folds=0), cfg.storage)
+    budget = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=folds, fold=0))  # what the table says
     runs = []
-    # Seed by seed, so an ablation stopped early has every architecture at the same number of seeds.
-    for seed in range(cfg.train.seed, cfg.train.seed + seeds):
+    for seed, fold in plan:
+        data_cfg = cfg.data if fold is None else dataclasses.replace(cfg.data, folds=folds, fold=fold)
+        run_collection = collection if fold is None else load_collection(data_uri, data_cfg, cfg.storage)
+        inputs: TrainInputs | None = None  # decoded once per split, only if some run is still to do
         for arch in archs:
             run_cfg = dataclasses.replace(
                 cfg,
                 model=dataclasses.replace(cfg.model, arch=arch),
+                data=data_cfg,
                 train=dataclasses.replace(cfg.train, seed=seed),
             )
-            package_uri = storage.join(out_uri, arch, f"seed{seed}")
-            record = finished_run(package_uri, run_cfg, collection)
+            package_uri = storage.join(out_uri, arch, f"seed{seed}", *([] if fold is None else [f"fold{fold}"]))
+            record = finished_run(package_uri, run_cfg, run_collection)
             if record:
-                log.info("%s seed %d: finished in an earlier run, skipped", arch, seed)
+                log.info("%s seed %d fold %s: finished in an earlier run, skipped", arch, seed, fold)
             else:
-                inputs = inputs or prepare_inputs(data_uri, cfg)
+                inputs = inputs or prepare_inputs(data_uri, dataclasses.replace(cfg, data=data_cfg))
                 record = train_run(inputs, run_cfg, out_uri, package_uri)
             runs.append(record["row"])
             # Rewritten after every run, so a long ablation shows its finished runs while it goes on.
-            summary = summarize_runs(runs, collection, data_uri, cfg)
+            summary = summarize_runs(runs, collection, data_uri, budget)
             write_outputs(out_uri, runs, summary, cfg)
     return summary
 
 
 def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) -> dict:
-    arch, seed = cfg.model.arch, cfg.train.seed
+    arch, seed, fold = cfg.model.arch, cfg.train.seed, cfg.data.fold if cfg.data.folds else None
     started = time.time()
     arch_inputs = dataclasses.replace(inputs, preprocess=preprocess_for(cfg))  # each backbone's mean/std
-    runs_uri, name = storage.join(out_uri, "_train"), f"{arch}-seed{seed}"
+    runs_uri, name = storage.join(out_uri, "_train"), f"{arch}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
     result = make_trainer(arch_inputs, cfg, runs_uri, name=name).fit()
     trained = export_package(result, arch_inputs, cfg, package_uri)
-    split = "test" if trained["test"] else "val"
+    split = "test" if trained["test"] else "held fold" if fold is not None else "val"
     scores = trained["test"] or read_manifest(package_uri, cfg.storage)["metrics"]
     model = create_model(cfg.model, {t: len(v) for t, v in inputs.vocabs.items()}, load_pretrained=False)
     row = {
         "arch": arch,
         "seed": seed,
+        **({} if fold is None else {"fold": fold}),
         "split": split,
         "n": scores["n"],
         **{score: round(mean_over_tasks(scores, score), 4) for score in SCORES},
@@ -96,6 +126,7 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "train_img_s": round(statistics.median(trained["train_img_s_by_epoch"]), 1),
         "minutes": round((time.time() - started) / 60, 1),
+        **single_task_interval(scores),  # the run's own 95 % bootstrap interval over its images
         **{
             recall_column(task, label): round(per_class["recall"], 4)
             for task, task_scores in scores["tasks"].items()
@@ -108,6 +139,22 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
     # budget) are only needed to resume an unfinished run.
     storage.remove_tree(storage.join(runs_uri, name), cfg.storage)
     return record
+
+
+def single_task_interval(scores: dict) -> dict:
+    """accuracy_low / accuracy_high: a one-task run's 95 % bootstrap interval over its images (for a mean over tasks
+    it would take each image's answers to every task, which a confusion matrix does not keep)."""
+    ci = next(iter(scores["tasks"].values())).get("accuracy_ci") if len(scores["tasks"]) == 1 else None
+    return {"accuracy_low": ci[0], "accuracy_high": ci[1]} if ci else {}
+
+
+def interval(rows: list[dict], column: str) -> list[float] | None:
+    """95 %: Student's t for the mean over the runs; for one run, its bootstrap over images (accuracy only)."""
+    if len(rows) > 1:
+        return mean_interval([row[column] for row in rows])
+    if column == "accuracy" and "accuracy_low" in rows[0]:
+        return [rows[0]["accuracy_low"], rows[0]["accuracy_high"]]
+    return None
 
 
 def finished_run(package_uri: str, cfg: Config, collection: Collection) -> dict | None:
@@ -162,13 +209,16 @@ def summarize_runs(runs: list[dict], collection: Collection, data_uri: str, cfg:
         rows = [row for row in runs if row["arch"] == arch]
         archs[arch] = {
             "runs": len(rows),
-            "seeds": [row["seed"] for row in rows],
+            "seeds": sorted({row["seed"] for row in rows}),
+            **({"folds": sorted({row["fold"] for row in rows})} if "fold" in rows[0] else {}),
             "split": rows[0]["split"],
-            "n": rows[0]["n"],
+            # held folds are disjoint: together they hold every image they scored; other runs score one split
+            "n": sum(row["n"] for row in rows if row["seed"] == rows[0]["seed"]) if "fold" in rows[0] else rows[0]["n"],
             **{
                 column: {
                     "mean": round(statistics.fmean(row[column] for row in rows), 4),
                     "std": round(statistics.stdev(row[column] for row in rows), 4) if len(rows) > 1 else None,
+                    "ci": interval(rows, column),
                 }
                 for column in measured
             },
@@ -208,27 +258,45 @@ def to_csv(runs: list[dict]) -> str:
 def to_markdown(summary: dict) -> str:
     m, d, t = (summary["budget"][section] for section in ("model", "data", "train"))
     splits = sorted({arch["split"] for arch in summary["archs"].values()})
+    if d.get("folds"):
+        split = (
+            f"{d['folds']}-fold cross-validation over the images outside the test split (split seed {d['seed']}, test "
+            f"{d['test_fraction']}, left out of every run): each run trains on the other folds"
+        )
+    else:
+        split = f"Split seed {d['seed']} (val {d['val_fraction']}, test {d['test_fraction']}), the same for every run"
+    chosen = (
+        "Best epoch chosen on each run's held fold, which also gives its figures"
+        if d.get("folds")
+        else f"Best epoch chosen on val; figures from the {' / '.join(splits)} split"
+    )
     lines = [
         f"# Ablation on {summary['data']}",
         "",
-        f"Split seed {d['seed']} (val {d['val_fraction']}, test {d['test_fraction']}), the same for every run; "
+        f"{split}; "
         f"{t['epochs']} epochs, batch {t['batch_size']}, {m['img_size']} px, backbone {m['backbone']} "
         f"({m['pretrained']}, frozen to stride {m['freeze_stride']}), fusion {m['fusion']}, d_model {m['d_model']}, "
-        f"depth {m['depth']}, branch_loss {m['branch_loss']}. Best epoch chosen on val; figures from the "
-        f"{' / '.join(splits)} split, mean ± sample "
-        f"std over the seeds. {summary['minutes_total']} min of training in all.",
+        f"depth {m['depth']}, branch_loss {m['branch_loss']}. {chosen}: the mean over the runs ± the half-width of "
+        "its 95 % t-interval (one run: its "
+        f"95 % bootstrap interval over the images). {summary['minutes_total']} min of training in all.",
         "",
     ]
-    header = ["arch", "seeds", "n", *summary["measured"], "val accuracy", "params (M)", "train img/s", "min/run"]
+    header = ["arch", "runs", "n", *summary["measured"], "val accuracy", "params (M)", "train img/s", "min/run"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, arch in summary["archs"].items():
         cells = [name, str(arch["runs"]), str(arch["n"])]
-        cells += [mean_std(arch[column]) for column in summary["measured"]]
+        cells += [mean_ci(arch[column]) for column in summary["measured"]]
         cells += [f"{arch['val_accuracy_mean']:.3f}", str(arch["params_m"]), str(arch["train_img_s"])]
         cells.append(str(arch["minutes_per_run"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def mean_std(value: dict) -> str:
-    return f"{value['mean']:.3f}" + (f" ± {value['std']:.3f}" if value["std"] is not None else "")
+def mean_ci(value: dict) -> str:
+    """The mean ± its t-interval's half-width (symmetric), or a single run's bootstrap interval [low, high]."""
+    mean, ci = value["mean"], value.get("ci")
+    if not ci:
+        return f"{mean:.3f}"
+    if value["std"] is not None:
+        return f"{mean:.3f} ± {(ci[1] - ci[0]) / 2:.3f}"
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"

@@ -17,9 +17,12 @@ then lists nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import resource
@@ -39,7 +42,7 @@ from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError
 from artfuse.data import inventory, storage
 from artfuse.pipelines.bench import DISTINCT_IMAGES, machine, save_untrained_package, synthetic_jpegs
-from artfuse.pipelines.label import prediction_schema, read_output
+from artfuse.pipelines.label import output_dataset, prediction_schema, read_output
 
 log = logging.getLogger(__name__)
 ARCHIVE_ROOT = Path(tempfile.gettempdir()) / "artfuse-nightly"
@@ -47,6 +50,14 @@ NEW_FOLDER = "arrived-tonight"  # where the bench puts the night's new objects i
 PREVIOUS_NIGHTS = 3  # run dates the previous output is spread over
 PREVIOUS_MODEL_ID = "bench-previous-nights"  # model_id of the rows the bench writes itself
 UPLOAD_THREADS = 16
+LINK_THREADS = 8
+LINKS_PER_SOURCE = 60_000  # hard links per source file, under ext4's 65,000
+# what the free-space check budgets: a folder entry per object (about 30 B on ext4) with room to spare, and a row of the
+# previous nights' output (about 30 B in Parquet)
+ARCHIVE_BYTES_PER_OBJECT = 100
+OUTPUT_BYTES_PER_ROW = 100
+SPARE_BYTES = 2 * 2**30
+SPARE_INODES = 100_000
 TASKS = {"label": [str(i) for i in range(10)]}
 
 
@@ -73,23 +84,25 @@ def bench_nightly(
         work = Path(tmp)
         model_uri = model_uri or save_untrained_package(str(work / "model"), cfg, {t: len(v) for t, v in TASKS.items()})
         jpegs = synthetic_jpegs(DISTINCT_IMAGES, cfg.bench.width, cfg.bench.height)
+        output = str(work / "predictions") if not archive.startswith(storage.S3_PREFIX) else f"{archive}-output"
+        check_free_space(archive, output, jpegs, old, n_new, cfg)
         prepared = time.time()
         built = ensure_archive(archive, jpegs, old, cfg)
         new_uris = add_new_objects(archive, jpegs, n_new, cfg)
-        output = str(work / "predictions") if not archive.startswith(storage.S3_PREFIX) else f"{archive}-output"
         if output.startswith(storage.S3_PREFIX):
             clear(output, cfg)
-        previous = write_previous_nights(output, archive_rows(archive, jpegs, old), cfg)
+        previous = write_previous_nights(output, archive, jpegs, old, cfg)
         source = write_archive_inventory(archive, jpegs, old, n_new, cfg) if use_inventory else archive
         prepare_s = time.time() - prepared
         log.info("bench: labelling one night over %d objects (%d new) from %s", n_objects, n_new, source)
         report, peak_kb = run_in_own_process(model_uri, source, output, cfg)
 
         fs, root = storage.arrow_filesystem(output, cfg.storage)
-        rows = read_output(fs, root, ["uri", "run_id"])
-        mine = rows.filter(pc.equal(rows["run_id"], report["run_id"]))
+        in_output = output_dataset(fs, root).count_rows()
+        mine = read_output(fs, root, ["uri", "run_id"], pc.field("run_id") == report["run_id"])
         labelled_uris = set(mine["uri"].to_pylist())
-        exact = labelled_uris == set(new_uris) and mine.num_rows == n_new and rows.num_rows == old + n_new
+        exact = labelled_uris == set(new_uris) and mine.num_rows == n_new and in_output == old + n_new
+        disk = disk_used(archive, output, cfg) if not archive.startswith(storage.S3_PREFIX) else None
         remove_new_objects(archive, cfg)
         if output.startswith(storage.S3_PREFIX):
             clear(output, cfg)
@@ -102,7 +115,7 @@ def bench_nightly(
         "labelled": report["labelled"],
         "errors": report["errors"],
         "rows_written": mine.num_rows,
-        "rows_in_output": rows.num_rows,
+        "rows_in_output": in_output,
         "exactly_the_new_objects": exact,
         "listing_s": d["listing"],
         "done_set_s": d["done_set"],
@@ -116,6 +129,7 @@ def bench_nightly(
         "archive": archive,
         "archive_built_s": built,
         "prepare_s": round(prepare_s, 2),
+        "disk": disk,
         "previous_output": previous,
         "machine": machine(),
         "label_report": report,
@@ -130,11 +144,23 @@ def object_key(i: int) -> str:
     return f"collection-{i // 100_000:03d}/box-{i // 1000 % 100:02d}/{i:07d}.jpg"
 
 
+def source_count(n: int, distinct: int) -> int:
+    """How many source files `n` hard links need: a multiple of `distinct` (object i is JPEG i % distinct either way)
+    holding each under LINKS_PER_SOURCE links."""
+    return distinct * max(1, math.ceil(n / (distinct * LINKS_PER_SOURCE)))
+
+
+def sources_folder(archive: str, prefix: str) -> Path:
+    return Path(archive, prefix, ".sources")  # hidden: never listed as an input
+
+
 def ensure_archive(archive: str, jpegs: list[bytes], n: int, cfg: Config) -> float | None:
     """The N old objects under `archive`, reusing a complete one of the same N. Returns build seconds (None: reused)."""
     marker = f"{archive}.ready"
-    expected = json.dumps({"objects": n, "jpegs": [hashlib.md5(j).hexdigest() for j in jpegs]})
-    if storage.exists(marker, cfg.storage) and storage.read_bytes(marker, cfg.storage).decode() == expected:
+    expected = {"objects": n, "jpegs": [hashlib.md5(j).hexdigest() for j in jpegs]}
+    if not archive.startswith(storage.S3_PREFIX):
+        expected["sources"] = source_count(n, len(jpegs))
+    if storage.exists(marker, cfg.storage) and json.loads(storage.read_bytes(marker, cfg.storage)) == expected:
         log.info("bench: reusing the archive of %d objects at %s", n, archive)
         return None
     started = time.time()
@@ -144,27 +170,91 @@ def ensure_archive(archive: str, jpegs: list[bytes], n: int, cfg: Config) -> flo
         upload(archive, jpegs, range(n), "", cfg)
     else:
         link_tree(Path(archive), jpegs, range(n), "")
-    storage.write_bytes(marker, expected.encode(), cfg.storage)
+    storage.write_bytes(marker, json.dumps(expected).encode(), cfg.storage)
     log.info("bench: archive built in %.1f s", time.time() - started)
     return round(time.time() - started, 1)
 
 
 def link_tree(root: Path, jpegs: list[bytes], numbers: range, prefix: str) -> None:
-    """Object i is a hard link to JPEG i % len(jpegs): many objects, a few inodes' worth of disk."""
-    sources = root / ".sources"
+    """Object i is a hard link to source file i % S (a copy of JPEG i % len(jpegs)), S = `source_count`: many objects,
+    a few inodes' worth of disk, and no source past the file system's limit on links (ext4: 65,000)."""
+    sources = sources_folder(str(root), prefix)
     sources.mkdir(parents=True, exist_ok=True)
-    for k, data in enumerate(jpegs):
+    count = source_count(len(numbers), len(jpegs))
+    for k in range(count):
         if not (sources / f"{k}.jpg").exists():
-            (sources / f"{k}.jpg").write_bytes(data)
-    made: set[Path] = set()
-    for i in numbers:
-        path = root / prefix / object_key(i)
-        if path.parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(path.parent)
-        os.link(sources / f"{i % len(jpegs)}.jpg", path)
-        if i and i % 100_000 == 0:
-            log.info("bench: %d objects linked", i)
+            (sources / f"{k}.jpg").write_bytes(jpegs[k % len(jpegs)])
+
+    def link_box(start: int) -> None:
+        box = numbers[start : start + 1000]
+        (root / prefix / object_key(box[0])).parent.mkdir(parents=True, exist_ok=True)
+        for i in box:
+            os.link(sources / f"{i % count}.jpg", root / prefix / object_key(i))
+
+    # a box at a time, side by side: the links are system calls, which let other threads run meanwhile
+    with ThreadPoolExecutor(LINK_THREADS) as pool:
+        for done, _ in enumerate(pool.map(link_box, range(0, len(numbers), 1000)), start=1):
+            if done % 1000 == 0:
+                log.info("bench: %d objects linked", done * 1000)
+
+
+def check_free_space(archive: str, output: str, jpegs: list[bytes], old: int, new: int, cfg: Config) -> None:
+    """Refuse, before writing anything, a local archive or output the disk cannot hold (with room to spare)."""
+    needs: dict[str, list[int]] = {}  # folder -> [bytes, inodes]
+    marker = f"{archive}.ready"
+    building = not (storage.exists(marker, cfg.storage) and json.loads(storage.read_bytes(marker, cfg.storage))
+                    .get("objects") == old)  # fmt: skip
+    if not archive.startswith(storage.S3_PREFIX):
+        n = (old if building else 0) + new
+        sources = source_count(old, len(jpegs)) + source_count(new, len(jpegs))
+        need = needs.setdefault(existing_parent(archive), [0, 0])
+        need[0] += n * ARCHIVE_BYTES_PER_OBJECT + sources * max(map(len, jpegs))
+        need[1] += n // 1000 + sources + 100
+    if not output.startswith(storage.S3_PREFIX):
+        need = needs.setdefault(existing_parent(output), [0, 0])
+        need[0] += (old + new) * OUTPUT_BYTES_PER_ROW
+        need[1] += (old + new) // max(cfg.label.rows_per_file, 1) + 100
+    for folder, (bytes_needed, inodes_needed) in needs.items():
+        found = os.statvfs(folder)
+        free, inodes = found.f_bavail * found.f_frsize, found.f_favail
+        if free < bytes_needed + SPARE_BYTES or inodes < inodes_needed + SPARE_INODES:
+            raise ConfigError(
+                f"bench --nightly {old + new}: the archive and output need about {bytes_needed / 2**30:.1f} GiB and "
+                f"{inodes_needed:,} inodes under {folder} (plus {SPARE_BYTES / 2**30:.0f} GiB and {SPARE_INODES:,} to "
+                f"spare), which has {free / 2**30:.1f} GiB and {inodes:,} free: free space, or pass --archive on a "
+                "larger disk"
+            )
+
+
+def existing_parent(path: str) -> str:
+    found = Path(path).resolve()
+    while not found.exists():
+        found = found.parent
+    return str(found)
+
+
+def disk_used(archive: str, output: str, cfg: Config) -> dict:
+    """Blocks and inodes the local archive (its folders and source files: the objects are links) and the output
+    take, from a walk of the folders alone (the objects themselves cost no stat)."""
+    archive_bytes = archive_inodes = 0
+    for folder, subfolders, files in os.walk(archive):
+        archive_bytes += os.stat(folder).st_blocks * 512
+        archive_inodes += 1
+        if Path(folder).name == ".sources":
+            for name in files:
+                archive_bytes += os.stat(Path(folder, name)).st_blocks * 512
+                archive_inodes += 1
+            subfolders.clear()
+    output_bytes = output_files = 0
+    for folder, _, files in os.walk(output):
+        output_files += len(files)
+        output_bytes += sum(os.stat(Path(folder, name)).st_blocks * 512 for name in files)
+    return {
+        "archive_mb": round(archive_bytes / 2**20),
+        "archive_inodes": archive_inodes,
+        "output_mb": round(output_bytes / 2**20),
+        "output_files": output_files,
+    }
 
 
 def upload(archive: str, jpegs: list[bytes], numbers: range, prefix: str, cfg: Config) -> None:
@@ -208,39 +298,49 @@ def clear(uri: str, cfg: Config) -> None:
         fs.rm(path, recursive=True)
 
 
-def archive_rows(archive: str, jpegs: list[bytes], n: int, prefix: str = "") -> pa.Table:
-    """(uri, size, etag) of objects 0..n-1 under `archive`/`prefix` as a listing reports them, computed without
-    listing: every link of a JPEG shares its inode's size and mtime (a local etag, as `storage.list_objects` makes
-    it), and an S3 object's ETag is its content's MD5."""
+def archive_rows(archive: str, jpegs: list[bytes], numbers: range, prefix: str = "") -> pa.Table:
+    """(uri, size, etag) of objects `numbers` under `archive`/`prefix` as a listing reports them, computed without
+    listing: every link of a source file shares its inode's size and mtime (a local etag, as `storage.list_objects`
+    makes it), and an S3 object's ETag is its content's MD5."""
     if archive.startswith(storage.S3_PREFIX):
         etags = [hashlib.md5(j).hexdigest() for j in jpegs]
-        uris = [storage.join(archive, prefix, object_key(i)) for i in range(n)]
+        uris = [storage.join(archive, prefix, object_key(i)) for i in numbers]
+        which = np.arange(numbers.start, numbers.stop) % len(jpegs)
     else:
-        sources = Path(archive, ".sources")
-        etags = [str(round((sources / f"{k}.jpg").stat().st_mtime * 1e9)) for k in range(len(jpegs))]
-        uris = [str(Path(archive, prefix, object_key(i))) for i in range(n)]
-    which = np.arange(n) % len(jpegs)
+        etags = source_etags(sources_folder(archive, prefix))
+        count = len(etags)
+        uris = [str(Path(archive, prefix, object_key(i))) for i in numbers]
+        which = np.arange(numbers.start, numbers.stop) % count
+    sizes = np.array([len(j) for j in jpegs])[which % len(jpegs)]
     return pa.table(
         {
             "uri": pa.array(uris, pa.string()),
-            "size": pa.array(np.array([len(j) for j in jpegs])[which], pa.int64()),
+            "size": pa.array(sizes, pa.int64()),
             "etag": pa.array(np.array(etags, dtype=object)[which], pa.string()),
         }
     )
 
 
-def write_previous_nights(output: str, objects: pa.Table, cfg: Config) -> dict:
-    """Prediction rows for `objects` as earlier runs would have left them: files of `label.rows_per_file` rows under
-    a few run_date partitions. Written by this bench (model_id PREVIOUS_MODEL_ID), not by a label job."""
+@functools.cache
+def source_etags(folder: Path) -> list[str]:
+    """The local etag (mtime in ns, as a listing gives it) of source files 0, 1, ... in `folder`."""
+    count = sum(1 for name in os.listdir(folder) if name.endswith(".jpg"))
+    return [str(round((folder / f"{k}.jpg").stat().st_mtime * 1e9)) for k in range(count)]
+
+
+def write_previous_nights(output: str, archive: str, jpegs: list[bytes], n: int, cfg: Config) -> dict:
+    """Prediction rows for the archive's objects 0..n-1 as earlier runs would have left them: files of
+    `label.rows_per_file` rows under a few run_date partitions, made a file at a time. Written by this bench (model_id
+    PREVIOUS_MODEL_ID), not by a label job."""
     started = time.time()
+    source_etags.cache_clear()  # the archive may have been built again since
     schema = prediction_schema(TASKS, None)
-    n, per_file = objects.num_rows, max(cfg.label.rows_per_file, 1)
+    per_file = max(cfg.label.rows_per_file, 1)
     today = datetime.now(UTC)
     fs, root = storage.arrow_filesystem(output, cfg.storage)
-    files = 0
 
     def write(start: int) -> None:
-        part = objects.slice(start, per_file)
+        part = archive_rows(archive, jpegs, range(start, min(start + per_file, n)))
         night = start * PREVIOUS_NIGHTS // max(n, 1)
         date = f"{today - timedelta(days=PREVIOUS_NIGHTS - night):%Y-%m-%d}"
         k = part.num_rows
@@ -288,7 +388,9 @@ def write_archive_inventory(archive: str, jpegs: list[bytes], old: int, new: int
     archive's bucket; returns its manifest.json's URI."""
     if not archive.startswith(storage.S3_PREFIX):
         raise ConfigError("bench --nightly --inventory needs an s3:// --archive: an S3 Inventory lists a bucket")
-    objects = pa.concat_tables([archive_rows(archive, jpegs, old), archive_rows(archive, jpegs, new, NEW_FOLDER)])
+    objects = pa.concat_tables(
+        [archive_rows(archive, jpegs, range(old)), archive_rows(archive, jpegs, range(new), NEW_FOLDER)]
+    )
     return inventory.write_inventory(objects, f"{archive}-inventory", fmt="CSV", storage=cfg.storage)
 
 
@@ -326,6 +428,54 @@ def _label_child(send, model_uri: str, source: str, output: str, cfg: Config, en
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def bench_listing(cfg: Config, n_objects: int, archive: str | None = None, out: str | None = None) -> dict:
+    """`artfuse bench --listing N --archive s3://...`: list an archive of N objects on S3 (uploaded once, kept) flat
+    (one ListObjectsV2 pagination) and side by side (`storage.list_threads` prefixes at once); the two seconds, and
+    whether both listings hold the same rows."""
+    archive = archive or ""
+    if not archive.startswith(storage.S3_PREFIX):
+        raise ConfigError(
+            "bench --listing needs an s3:// --archive: it measures listing S3 (a local folder lists alone)"
+        )
+    jpegs = synthetic_jpegs(DISTINCT_IMAGES, cfg.bench.width, cfg.bench.height)
+    built = ensure_archive(archive, jpegs, n_objects, cfg)
+    result = {"n_objects": n_objects, "archive_built_s": built, **compare_listings(archive, cfg)}
+    if out:
+        storage.write_bytes(out, json.dumps(result, indent=1).encode(), cfg.storage)
+    return result
+
+
+def compare_listings(archive: str, cfg: Config) -> dict:
+    """List `archive` flat, then side by side: seconds, keys/s and whether both hold the same rows."""
+    flat_cfg = dataclasses.replace(cfg.storage, list_threads=1)
+    timings, listings = {}, {}
+    for name, storage_cfg in (("flat", flat_cfg), ("side_by_side", cfg.storage)):
+        started = time.time()
+        listings[name] = storage.list_objects(archive, storage_cfg)
+        timings[name] = time.time() - started
+        log.info("bench: listed %d objects %s in %.1f s", listings[name].num_rows, name, timings[name])
+    return {
+        "archive": archive,
+        "listed": listings["flat"].num_rows,
+        "flat_s": round(timings["flat"], 2),
+        "side_by_side_s": round(timings["side_by_side"], 2),
+        "list_threads": cfg.storage.list_threads,
+        "flat_keys_s": round(listings["flat"].num_rows / timings["flat"]),
+        "side_by_side_keys_s": round(listings["side_by_side"].num_rows / timings["side_by_side"]),
+        "speedup": round(timings["flat"] / timings["side_by_side"], 2),
+        "same_rows": listings["flat"].equals(listings["side_by_side"]),
+        "machine": machine(),
+    }
+
+
+def format_listing(result: dict) -> str:
+    return (
+        f"listing {result['listed']:,} objects on S3: flat {result['flat_s']:.1f} s ({result['flat_keys_s']:,} keys/s),"
+        f" side by side ({result['list_threads']} threads) {result['side_by_side_s']:.1f} s"
+        f" ({result['side_by_side_keys_s']:,} keys/s): {result['speedup']:.1f}x; same rows: {result['same_rows']}"
+    )
 
 
 def format_nightly(result: dict) -> str:

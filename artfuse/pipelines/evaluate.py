@@ -1,7 +1,8 @@
 """Evaluate a model package on a labelled collection: metrics.json (its fields: docs/reference.md), confusion PNGs, and
 how far its scores can be trusted: ECE before and after the package's temperature, a reliability diagram and a
 risk-coverage curve per task, and what the review threshold lets through. `artfuse calibrate` fits that
-temperature and threshold (on the training collection, its validation split: never the test split).
+temperature and threshold (on the training collection, its validation split: never the test split; or on the
+out-of-fold predictions of an `ablate --folds` cross-validation).
 
 When the collection is the one the package was trained on (same fingerprint), only its test split is scored (the
 images that chose nothing), split exactly as in training; a package trained without a test split (data.test_fraction
@@ -36,7 +37,9 @@ from artfuse.models.calibration import (
     temperatures,
 )
 from artfuse.models.package import read_manifest, set_calibration
+from artfuse.pipelines.ablate import RUN_RECORD
 from artfuse.pipelines.label import prediction_dataset
+from artfuse.pipelines.train import VAL_LOGITS
 from artfuse.reporting.calibration import (
     RISK_COVERAGE_THRESHOLDS,
     accepted_accuracy,
@@ -188,7 +191,36 @@ def calibrate(model_uri: str, data_uri: str, cfg: Config) -> dict:
         logits[task] = logits_from_probabilities(scored.probabilities[task][known], temperature[task])
         labels[task] = scored.truth[task][known]
     fitted_on = {"val": "validation split", "all": data_uri, "corrections": cfg.data.corrections}[scored.split]
-    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on=fitted_on)
+    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on, cfg.label.threshold_rule)
+    model_id = set_calibration(model_uri, calibration, cfg.storage)
+    return {"package": model_uri, "model_id": model_id, **calibration}
+
+
+def calibrate_out_of_fold(model_uri: str, runs_uri: str, cfg: Config) -> dict:
+    """Fit each task's temperature and review threshold for the package at `model_uri` on the out-of-fold predictions of
+    an `ablate --folds K` configuration (`runs_uri`: its `<out>/<arch>/seed<k>`, holding fold0 .. fold<K-1>): every
+    image outside the test split, each predicted by the one run that never trained on it, instead of one validation
+    split. Meant for the package refitted on every labelled image once cross-validation has decided its configuration.
+    """
+    first = storage.join(runs_uri, "fold0", RUN_RECORD)
+    if not storage.exists(first, cfg.storage):
+        raise ConfigError(f"{runs_uri} holds no finished fold run (no fold0/{RUN_RECORD}): give an `ablate --folds` "
+                          "run's <out>/<arch>/seed<k>, once its folds are finished")  # fmt: skip
+    k = json.loads(storage.read_bytes(first, cfg.storage))["config"]["data"]["folds"]
+    runs = [storage.join(runs_uri, f"fold{fold}") for fold in range(k)]
+    missing = [run for run in runs if not storage.exists(storage.join(run, VAL_LOGITS), cfg.storage)]
+    if missing:
+        raise ConfigError(f"{len(missing)} of the {k} fold runs under {runs_uri} are not finished ({missing[0]}): "
+                          "finish the ablation (rerun it with the same --out) first")  # fmt: skip
+    tasks = read_manifest(model_uri, cfg.storage)["tasks"]
+    held = [np.load(io.BytesIO(storage.read_bytes(storage.join(run, VAL_LOGITS), cfg.storage))) for run in runs]
+    for run in runs:
+        if read_manifest(run, cfg.storage)["tasks"] != tasks:
+            raise ConfigError(f"{run} predicts other tasks or labels than {model_uri}: calibrate on its own folds")
+    logits = {task: np.concatenate([h[f"logits/{task}"] for h in held]) for task in tasks}
+    labels = {task: np.concatenate([h[f"labels/{task}"] for h in held]) for task in tasks}
+    fitted_on = f"out-of-fold predictions of {runs_uri} ({k} folds)"
+    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on, cfg.label.threshold_rule)
     model_id = set_calibration(model_uri, calibration, cfg.storage)
     return {"package": model_uri, "model_id": model_id, **calibration}
 

@@ -29,22 +29,24 @@ import pyarrow.fs as pafs
 import ray.data
 import torch
 
+from artfuse.cluster.requests import PoolSize, label_pool
 from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
-from artfuse.data.catalog import list_inputs
+from artfuse.data.catalog import iter_inputs
 from artfuse.data.iiif import OBJECT_COLUMNS
 from artfuse.data.prediction_files import filename_provider, is_own_file
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
-from artfuse.pipelines.label_output import KEY, labelled_inputs, output_lock
+from artfuse.pipelines.label_output import KEY, OutputState, labelled_inputs, output_lock
 from artfuse.pipelines.pause import pause_point
 
 log = logging.getLogger(__name__)
 MB = 2**20
 DECODE_TASK_MEMORY = 512 * MB  # a decode worker (about 170 MB: no torch), its read-ahead and decoded batch
+ANTI_JOIN_ROWS = 100_000  # inputs checked against the output at once: a listing batch, or a slice of a larger part
 # A GPU actor takes two batches at once, each on its own CUDA stream: one decodes (nvJPEG) or copies in, or builds
 # its prediction rows on the CPU, while the other runs the model, instead of the GPU waiting for each step in turn.
 GPU_ACTOR_CALLS = 2
@@ -242,14 +244,23 @@ def prediction_dataset(
         max_pixels=cfg.data.max_pixels,
         pause=cfg.pause,
     )
-    return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc)
+    pool = label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
+    return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc, pool)
 
 
 def label_stages(
-    table: pa.Table, read: Callable, read_kwargs: dict, actor: type, actor_kwargs: dict, lc: LabelConfig
+    table: pa.Table,
+    read: Callable,
+    read_kwargs: dict,
+    actor: type,
+    actor_kwargs: dict,
+    lc: LabelConfig,
+    pool: PoolSize | None = None,
 ) -> ray.data.Dataset:
     """The label pipeline's shape: `table`'s rows in blocks -> `read` as CPU tasks -> `actor` as the model actor pool,
-    with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages."""
+    with the resources and concurrency each stage gets. `bench --simulate` runs the same shape with stand-in stages.
+    `pool` (`label_pool`: fitted to the cluster's nodes) overrides label.min_actors / max_actors."""
+    pool = pool or PoolSize(min=lc.min_actors, max=lc.max_actors, initial=lc.min_actors)
     ds = stages.dataset_from_table(table, lc.decode_batch_size)
     ds = ds.map_batches(read, fn_kwargs=read_kwargs, batch_size=lc.decode_batch_size, **decode_resources(lc))
     calls = GPU_ACTOR_CALLS if lc.num_gpus_per_actor > 0 else 1  # a CPU actor's model already takes every core
@@ -258,8 +269,9 @@ def label_stages(
         fn_constructor_kwargs=actor_kwargs,
         batch_size=lc.batch_size,
         compute=ray.data.ActorPoolStrategy(
-            min_size=lc.min_actors,
-            max_size=lc.max_actors,
+            min_size=pool.min,
+            max_size=pool.max,
+            initial_size=pool.initial,
             max_concurrent_calls_per_actor=calls,
             enable_true_multi_threading=calls > 1,
         ),
@@ -343,25 +355,18 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
     package = read_manifest(model_uri, cfg.storage)
     thresholds = review_thresholds(package, cfg.label)
     decode_size = Preprocess.from_dict(package["preprocess"]).resize
-    listed = list_inputs(input_uri, cfg.storage, image_size=decode_size)  # IIIF: fetched at the model's size
-    if not listed.num_rows:
+    output = labelled_inputs(out_uri, cfg.storage)
+    done_set_s = time.time() - started
+    todo, listed, duplicates, listed_s = inputs_not_done(input_uri, output, cfg.storage, decode_size)
+    if not listed:
         raise ConfigError(
             f"--input {input_uri} lists nothing to label (an empty folder or prefix, or a file that is not a "
             ".csv/.parquet manifest): check that the input has not moved"
         )
-    listed_s = time.time() - started
-    output = labelled_inputs(out_uri, cfg.storage, run_id)
-    done = output.done
-    done_set_s = time.time() - started - listed_s
-    todo = listed.join(done, keys=KEY, join_type="left anti") if done.num_rows else listed
-    todo = todo.sort_by("uri")
+    output.set_aside_torn(run_id)  # only once every read succeeded: a failed read leaves the output as it was
+    done_set_s += output.read_s
     planning_s = time.time() - started - listed_s - done_set_s
-    log.info(
-        "listed %d inputs, %d already labelled, %d to label",
-        listed.num_rows,
-        listed.num_rows - todo.num_rows,
-        todo.num_rows,
-    )
+    log.info("listed %d inputs, %d already labelled, %d to label", listed, listed - todo.num_rows, todo.num_rows)
 
     counts = {"labelled": 0, "errors": 0, "review": {"rows": 0, "by_task": dict.fromkeys(thresholds, 0)}}
     ray_start_s = labelling_s = verify_s = 0.0
@@ -386,11 +391,11 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         "model": model_uri,
         "input": input_uri,
         "output": out_uri,
-        "listed": listed.num_rows,
-        "skipped": listed.num_rows - todo.num_rows,
+        "listed": listed,
+        "skipped": listed - todo.num_rows,
         "labelled": counts["labelled"],
         "errors": counts["errors"],
-        "duplicates_ignored": int((listed.schema.metadata or {}).get(b"duplicates", 0)),
+        "duplicates_ignored": duplicates,
         "set_aside": output.set_aside,
         "foreign_files": output.foreign,
         # needs_review rows (failed ones included), per task the predictions below its threshold (None: every one)
@@ -412,6 +417,30 @@ def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_
         cfg.storage,
     )
     return report
+
+
+def inputs_not_done(
+    input_uri: str, output: OutputState, storage_config: StorageConfig, image_size: int
+) -> tuple[pa.Table | None, int, int, float]:
+    """The inputs the output does not hold yet, sorted by uri (None: nothing listed), with how many were listed, how
+    many duplicates a manifest named, and the seconds spent listing. A batch of the listing at a time (at most
+    ANTI_JOIN_ROWS rows of neighbouring keys), so that neither the listing nor the output's keys ever sit whole in
+    memory: the driver's memory does not grow with the archive, only with what is left to label."""
+    todo, listed, duplicates, listing_s = [], 0, 0, 0.0
+    batches = iter_inputs(input_uri, storage_config, image_size=image_size)  # IIIF: fetched at the model's size
+    while True:
+        started = time.time()
+        batch = next(batches, None)
+        listing_s += time.time() - started
+        if batch is None:
+            break
+        listed += batch.num_rows
+        duplicates += int((batch.schema.metadata or {}).get(b"duplicates", 0))
+        if batch.num_rows > ANTI_JOIN_ROWS:
+            batch = batch.sort_by("uri")
+        for start in range(0, batch.num_rows, ANTI_JOIN_ROWS):
+            todo.append(output.not_done(batch.slice(start, ANTI_JOIN_ROWS)).replace_schema_metadata(None))
+    return (pa.concat_tables(todo).sort_by("uri") if todo else None), listed, duplicates, listing_s
 
 
 def run_counts(
@@ -455,5 +484,9 @@ def review_counts(written: pa.Table, thresholds: dict[str, float]) -> dict:
 
 def read_output(fs, root: str, columns: list[str], where: pc.Expression | None = None) -> pa.Table:
     """The predictions under `root` (the output, or one run date's partition), without the report folder."""
-    dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive", ignore_prefixes=["_", "."])
-    return dataset.to_table(columns=columns, filter=where)
+    return output_dataset(fs, root).to_table(columns=columns, filter=where)
+
+
+def output_dataset(fs, root: str) -> pads.Dataset:
+    """The predictions under `root` as an Arrow dataset (files not read yet)."""
+    return pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive", ignore_prefixes=["_", "."])

@@ -11,6 +11,7 @@ scores the package on it once, after the best epoch is chosen.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from timm.utils import ModelEmaV3
 
+from artfuse.cluster.requests import check_train
 from artfuse.cluster.runtime import ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, to_dict
 from artfuse.data import corrections, stages, storage
@@ -46,6 +48,7 @@ from artfuse.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 DECODE_ROWS_PER_TASK = 32
+VAL_LOGITS = "val_logits.npz"  # in the package folder, beside history.json
 
 
 def label_column(task: str) -> str:
@@ -232,7 +235,9 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
     model.load_state_dict(packaged_weights(best))
     columns = {task: label_column(task) for task in inputs.vocabs}
     logits, labels = dataset_logits(model, inputs.val, inputs.preprocess, columns, cfg.train.batch_size)
-    calibration = fit_calibration(logits, labels, cfg.label.target_accuracy, fitted_on="validation split")
+    calibration = fit_calibration(
+        logits, labels, cfg.label.target_accuracy, "validation split", cfg.label.threshold_rule
+    )
     # Scored once, by the driver, after the epoch was chosen on val: the figure nothing was chosen on.
     test = None
     if inputs.test is not None:
@@ -260,6 +265,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         storage_config=cfg.storage,
     )
     storage.write_bytes(storage.join(out_uri, "history.json"), json.dumps(history, indent=1).encode(), cfg.storage)
+    storage.write_bytes(storage.join(out_uri, VAL_LOGITS), logits_npz(logits, labels), cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
         plot_history(history, Path(tmp) / "curves.png")
         storage.write_bytes(storage.join(out_uri, "curves.png"), (Path(tmp) / "curves.png").read_bytes(), cfg.storage)
@@ -285,9 +291,19 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
     }
 
 
+def logits_npz(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> bytes:
+    """The best epoch's logits and true class indices on the validation split, per task (`logits/<task>`,
+    `labels/<task>`): under --folds, the held fold's out-of-fold predictions, which calibration can be fitted on."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"logits/{t}": v for t, v in logits.items()}, **{f"labels/{t}": v for t, v in labels.items()})
+    return buffer.getvalue()
+
+
 def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
     """Train on `data_uri`, write the best epoch as a model package at `out_uri`; returns the run summary."""
     started = time.time()
+    ensure_ray()
+    check_train(cfg)  # before decoding anything: workers no node can hold would wait for ever
     inputs = prepare_inputs(data_uri, cfg)
     result = make_trainer(inputs, cfg, storage.join(out_uri, "_train"), started_at=started).fit()
     summary = export_package(result, inputs, cfg, out_uri)

@@ -41,6 +41,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain
 
+from artfuse.cluster.requests import check_trial
 from artfuse.cluster.runtime import ensure_ray
 from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
@@ -227,6 +228,7 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
     check_same_search(storage.join(out_uri, "search_config.yaml"), cfg, resuming)
 
     ensure_ray()
+    check_trial(cfg, TRIAL_DRIVER_RESOURCES)
     concurrency, fixed_cpus = cfg.tune.max_concurrent_trials, None
     if not os.environ.get("RAY_ADDRESS"):  # a local cluster cannot grow; a remote one may autoscale
         cluster = ray.cluster_resources()

@@ -64,8 +64,9 @@ def risk_coverage(
     return [accepted_accuracy(confidence, correct, t) for t in thresholds]
 
 
-def lowest_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> dict:
-    """The lowest score whose accepted predictions (score >= it) are right at least `target_accuracy` of the time.
+def lowest_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float, rule: str = "point") -> dict:
+    """The lowest score whose accepted predictions (score >= it) are right at least `target_accuracy` of the time:
+    by their accuracy (rule point), or by its 95 % one-sided Wilson lower bound (rule wilson).
 
     Returns accepted_accuracy's dict at that threshold, or threshold None (nothing can be accepted) when no
     threshold reaches the target.
@@ -76,7 +77,20 @@ def lowest_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
     # The accepted set at threshold c is every prediction with confidence >= c: the prefix up to c's last tie.
     last_of_tie = np.flatnonzero(np.append(sorted_conf[1:] != sorted_conf[:-1], True))
     accuracy = hits[last_of_tie] / (last_of_tie + 1)
+    if rule == "wilson":
+        accuracy = wilson_lower_bound(hits[last_of_tie], last_of_tie + 1)
     reaching = np.flatnonzero(accuracy >= target_accuracy)
     if not len(reaching):
         return {"threshold": None, "coverage": 0.0, "accuracy": None}
     return accepted_accuracy(confidence, correct, sorted_conf[last_of_tie[reaching[-1]]])
+
+
+WILSON_Z = 1.6449  # the standard normal's 95 % quantile: a one-sided 95 % bound
+
+
+def wilson_lower_bound(successes: np.ndarray, n: np.ndarray, z: float = WILSON_Z) -> np.ndarray:
+    """Wilson's score-interval lower bound of a proportion (successes out of n, n >= 1)."""
+    p, n = np.asarray(successes, float) / n, np.asarray(n, float)
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
+import ray.data
 import torch
 from ray.cluster_utils import Cluster
 
@@ -49,6 +50,7 @@ from artfuse.pipelines.simulated_read import simulated_read
 log = logging.getLogger(__name__)
 GB = 2**30
 PATHS = ("cpu_decode", "gpu_decode")
+ACTOR_START_S = 600
 TASKS = {"label": [str(i) for i in range(10)]}
 # This machine cannot hold the card's object store (tens of GB a node), so blocks and store shrink by the same factor:
 # Ray Data's budgets then hold the same number of blocks as on the card, which is what its scheduling sees.
@@ -261,6 +263,9 @@ def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool)
                 gpu_decode=gpu_decode,
                 clock=str(clock),
             )
+            # Reads wait for the model actors: on this machine an actor's start-up (importing torch) is nothing like
+            # the card's, and decode would pile up a backlog meanwhile that the steady state must not drain.
+            ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_S
             ds = label_stages(table, simulated_read, read_kwargs, SimulatedLabelModel, actor_kwargs, lc)
             started = time.perf_counter()
             write_predictions(ds, str(Path(tmp, "predictions")), cfg, run_id)

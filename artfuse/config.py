@@ -153,6 +153,9 @@ class LabelConfig:
     run_date: str = ""  # partition date (YYYY-MM-DD); empty means today (UTC)
     break_lock: str = ""  # run id of a dead run whose lock on --out this run may take over (README: Guarantees)
     rows_per_file: int = 1024  # least rows per Parquet file; a killed run keeps every file it finished
+    # A run whose pipeline moves nothing for this long is stopped, naming why, instead of waiting for ever (a node
+    # lost mid-run can leave the model actors holding every CPU the decode tasks need); 0 = never stop.
+    stall_timeout_s: float = 900.0
 
 
 @dataclass
@@ -349,6 +352,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pause.point needs pause.dir (a local folder) and pause.after >= 1")
     if not 0 <= cfg.label.decode_niceness <= 19:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
+    if cfg.label.stall_timeout_s < 0:
+        raise ConfigError(f"label.stall_timeout_s must be at least 0 (0: never stop); got {cfg.label.stall_timeout_s}")
     st = cfg.storage
     if st.http_timeout_s <= 0 or st.http_retries < 0 or st.http_backoff_s < 0 or st.http_max_per_server < 1:
         raise ConfigError(

@@ -30,6 +30,7 @@ def test_set_overrides_are_typed(tmp_path):
         ("nonsense", "expects key=value"),
         ("train.augment=3", "expects true or false"),
         ("label.decode_niceness=20", "label.decode_niceness must be between 0 and 19"),
+        ("label.stall_timeout_s=-1", "label.stall_timeout_s must be at least 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

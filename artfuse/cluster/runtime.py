@@ -34,3 +34,8 @@ def node_cpus() -> int:
             if node["NodeID"] == here and node["Resources"].get("CPU"):
                 return max(1, int(node["Resources"]["CPU"]))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def alive_node_ids() -> set[str]:
+    """The IDs of the cluster's nodes that are alive now."""
+    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}

@@ -28,9 +28,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray.data
 import torch
+from ray.data.exceptions import ExecutionTimeoutError
 
 from artfuse.cluster.requests import PoolSize, label_pool
-from artfuse.cluster.runtime import ensure_ray, node_cpus
+from artfuse.cluster.runtime import alive_node_ids, ensure_ray, node_cpus
 from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import iter_inputs
@@ -52,6 +53,11 @@ ANTI_JOIN_ROWS = 100_000  # inputs checked against the output at once: a listing
 # nvJPEG path, bench --simulate: steady 2,390 img/s with one call at a time, 3,713 with two, 4,190 with three).
 GPU_ACTOR_CALLS = 3
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+
+
+class LabelStalled(RuntimeError):
+    """The pipeline moved nothing for `label.stall_timeout_s` and was stopped; what it wrote stays (a rerun labels the
+    rest)."""
 
 
 def prediction_schema(tasks: dict[str, list[str]], embedding_dim: int | None) -> pa.Schema:
@@ -286,15 +292,36 @@ def write_predictions(ds: ray.data.Dataset, partition_uri: str, cfg: Config, run
 
     The writers reserve no CPU and are as many as the model actors: writing a batch's rows takes milliseconds, and
     Ray Data reserves for an operator without a cap a share of the CPUs (a third, with three operators) that the
-    decode tasks then cannot have (simulated on an H200 node's resources: `artfuse bench --simulate`)."""
+    decode tasks then cannot have (simulated on an H200 node's resources: `artfuse bench --simulate`).
+
+    Ray Data stops a pipeline that moves nothing for `label.stall_timeout_s`: raised as LabelStalled, naming the
+    nodes lost meanwhile, the known cause (docs/architecture.md, "A lost node")."""
     fs, root = storage.arrow_filesystem(partition_uri, cfg.storage)
-    ds.write_parquet(
-        root,
-        filesystem=fs,
-        min_rows_per_file=max(cfg.label.rows_per_file, 1),
-        filename_provider=filename_provider(run_id),
-        concurrency=max(cfg.label.max_actors, 1),
-        ray_remote_args={"num_cpus": 0},
+    ds.context.execution_no_progress_timeout_s = cfg.label.stall_timeout_s or -1  # Ray Data's -1: never
+    nodes = alive_node_ids()
+    try:
+        ds.write_parquet(
+            root,
+            filesystem=fs,
+            min_rows_per_file=max(cfg.label.rows_per_file, 1),
+            filename_provider=filename_provider(run_id),
+            concurrency=max(cfg.label.max_actors, 1),
+            ray_remote_args={"num_cpus": 0},
+        )
+    except ExecutionTimeoutError as e:
+        raise stalled(cfg.label, len(nodes), len(nodes - alive_node_ids()), e) from e
+
+
+def stalled(cfg: LabelConfig, nodes: int, lost: int, error: Exception) -> LabelStalled:
+    """Why a run stopped without progress: `lost` of the `nodes` it started on gone, or Ray Data's own account."""
+    stopped = f"labelling moved nothing for {cfg.stall_timeout_s:g} s (label.stall_timeout_s) and was stopped"
+    if not lost:
+        return LabelStalled(f"{stopped}: {error}")
+    return LabelStalled(
+        f"{stopped}: {lost} of the {nodes} nodes it started on left the cluster meanwhile. The model actors restarted "
+        "on the nodes left can hold every CPU there while they wait for blocks lost with the node, and no decode task "
+        "can start to rebuild them. Rerun the same command: it labels only what this run did not write, with an actor "
+        "pool fitted to the nodes left"
     )
 
 

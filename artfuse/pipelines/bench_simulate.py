@@ -20,6 +20,7 @@ actor per GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +29,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -191,8 +193,14 @@ def simulate(
             "process, without RAY_ADDRESS"
         )
     result: dict = {"timings": dataclasses.asdict(timings)}
-    for path in paths:
-        runs = [simulate_once(cfg, timings, n_nodes, gpu_decode=path == "gpu_decode") for n_nodes in nodes]
+    by_path: dict[str, list[dict]] = {path: [] for path in paths}
+    for n_nodes in nodes:
+        # One cluster per size, both paths on it in turn: starting a cluster (a node's 16 workers on this machine's
+        # cores) is this machine's cost, not the card's, and each path's steady state leaves its start-up out anyway.
+        with simulated_cluster(timings, n_nodes):
+            for path in paths:
+                by_path[path].append(simulate_once(cfg, timings, n_nodes, gpu_decode=path == "gpu_decode"))
+    for path, runs in by_path.items():
         for run in runs:
             run["scaling"] = round(run["steady_img_s"] / (runs[0]["steady_img_s"] * run["nodes"] / nodes[0]), 3)
             result["label"] = run.pop("label")
@@ -215,20 +223,9 @@ def simulated_label_config(cfg: LabelConfig, timings: Timings, n_nodes: int) -> 
     )
 
 
-def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool) -> dict:
-    """One simulated label run on a fresh local cluster of `n_nodes` GPU nodes."""
-    scale = cfg.bench.simulate_time_scale
-    if scale <= 0:
-        raise ConfigError(f"bench.simulate_time_scale must be above 0; got {scale}")
-    slowed = timings.slowed(scale)
-    lc = simulated_label_config(cfg.label, timings, n_nodes)
-    # The real bench's ratio: pipeline / min(model alone, decode alone), decode being the path's own (CPU: one task
-    # per CPU; GPU: nvJPEG). The GPU path is also compared with the CPU path's limit (issue goal: 1.5x).
-    cpu_limit = n_nodes * min(timings.model_img_s, timings.cpu_decode_img_s)
-    limit = n_nodes * min(timings.model_img_s, timings.gpu_decode_img_s) if gpu_decode else cpu_limit
-    n_images = max(lc.batch_size * 8, math.ceil(cfg.bench.pipeline_seconds * limit))
-    n_images = math.ceil(n_images / lc.batch_size) * lc.batch_size
-    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-00000000"
+@contextlib.contextmanager
+def simulated_cluster(timings: Timings, n_nodes: int) -> Iterator[None]:
+    """A local cluster of `n_nodes` nodes with the GPU machine's logical resources, connected to for the duration."""
     node = dict(
         num_cpus=timings.cpus,
         num_gpus=timings.gpus,
@@ -241,43 +238,60 @@ def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool)
             cluster.add_node(**node)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        read_kwargs = dict(
-            seconds_per_image=1 / (slowed.read_task_img_s if gpu_decode else slowed.cpu_decode_task_img_s),
-            row_bytes=timings.encoded_row_bytes if gpu_decode else timings.decoded_row_bytes,
-            gpu_decode=gpu_decode,
-        )
-        table = pa.table(
-            {
-                "uri": [f"s3://simulated/{i:09d}.jpg" for i in range(n_images)],
-                "size": pa.array(np.full(n_images, timings.jpeg_bytes, np.int64)),
-                "etag": [f"{i:x}" for i in range(n_images)],
-            }
-        )
-        with tempfile.TemporaryDirectory(prefix="artfuse-simulate-") as tmp:
-            clock = Path(tmp, "clock")
-            actor_kwargs = dict(
-                timings=slowed,
-                cfg=lc,
-                run_id=run_id,
-                labelled_at=datetime.now(UTC),
-                gpu_decode=gpu_decode,
-                clock=str(clock),
-            )
-            # Reads wait for the model actors: on this machine an actor's start-up (importing torch) is nothing like
-            # the card's, and decode would pile up a backlog meanwhile that the steady state must not drain.
-            ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_S
-            ds = label_stages(table, simulated_read, read_kwargs, SimulatedLabelModel, actor_kwargs, lc)
-            started = time.perf_counter()
-            write_predictions(ds, str(Path(tmp, "predictions")), cfg, run_id)
-            seconds = time.perf_counter() - started
-            written = pads.dataset(str(Path(tmp, "predictions")), format="parquet").count_rows()
-            steady_img_s = steady_rate(clock.read_text()) * scale
-        stats = ds.stats()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("Ray Data stats:\n%s", stats)
+        yield
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def simulate_once(cfg: Config, timings: Timings, n_nodes: int, gpu_decode: bool) -> dict:
+    """One simulated label run on the connected cluster of `n_nodes` GPU nodes (`simulated_cluster`)."""
+    scale = cfg.bench.simulate_time_scale
+    if scale <= 0:
+        raise ConfigError(f"bench.simulate_time_scale must be above 0; got {scale}")
+    slowed = timings.slowed(scale)
+    lc = simulated_label_config(cfg.label, timings, n_nodes)
+    # The real bench's ratio: pipeline / min(model alone, decode alone), decode being the path's own (CPU: one task
+    # per CPU; GPU: nvJPEG). The GPU path is also compared with the CPU path's limit (issue goal: 1.5x).
+    cpu_limit = n_nodes * min(timings.model_img_s, timings.cpu_decode_img_s)
+    limit = n_nodes * min(timings.model_img_s, timings.gpu_decode_img_s) if gpu_decode else cpu_limit
+    n_images = max(lc.batch_size * 8, math.ceil(cfg.bench.pipeline_seconds * limit))
+    n_images = math.ceil(n_images / lc.batch_size) * lc.batch_size
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-00000000"
+    read_kwargs = dict(
+        seconds_per_image=1 / (slowed.read_task_img_s if gpu_decode else slowed.cpu_decode_task_img_s),
+        row_bytes=timings.encoded_row_bytes if gpu_decode else timings.decoded_row_bytes,
+        gpu_decode=gpu_decode,
+    )
+    table = pa.table(
+        {
+            "uri": [f"s3://simulated/{i:09d}.jpg" for i in range(n_images)],
+            "size": pa.array(np.full(n_images, timings.jpeg_bytes, np.int64)),
+            "etag": [f"{i:x}" for i in range(n_images)],
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="artfuse-simulate-") as tmp:
+        clock = Path(tmp, "clock")
+        actor_kwargs = dict(
+            timings=slowed,
+            cfg=lc,
+            run_id=run_id,
+            labelled_at=datetime.now(UTC),
+            gpu_decode=gpu_decode,
+            clock=str(clock),
+        )
+        # Reads wait for the model actors: on this machine an actor's start-up (importing torch) is nothing like
+        # the card's, and decode would pile up a backlog meanwhile that the steady state must not drain.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_S
+        ds = label_stages(table, simulated_read, read_kwargs, SimulatedLabelModel, actor_kwargs, lc)
+        started = time.perf_counter()
+        write_predictions(ds, str(Path(tmp, "predictions")), cfg, run_id)
+        seconds = time.perf_counter() - started
+        written = pads.dataset(str(Path(tmp, "predictions")), format="parquet").count_rows()
+        steady_img_s = steady_rate(clock.read_text()) * scale
+    stats = ds.stats()
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("Ray Data stats:\n%s", stats)
     if written != n_images:
         raise RuntimeError(f"the simulated pipeline wrote {written} rows for {n_images} inputs")
     pipeline_img_s = n_images / seconds * scale

@@ -26,7 +26,8 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/artfuse demo --out demo-out
 
 # `make test` is every test but those marked slow (pyproject.toml's markers): kill-and-resume and fault-injection
-# runs, most on Ray clusters of their own, and a real `ray start` cluster. CI runs `make test`, then `make test-slow`.
+# runs, most on Ray clusters of their own, a real `ray start` cluster and the Tune searches. CI runs `make test`,
+# then `make test-slow`.
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check artfuse tests jobs scripts
 	$(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests

@@ -144,6 +144,7 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     assert err.startswith("artfuse tune: error:") and "\n" not in err
 
 
+@pytest.mark.slow  # three Tune trials of Ray Train runs, about 90 s on a quiet 2-core machine
 def test_asha_stops_the_trials_below_the_cutoff_and_the_table_says_so(tmp_path, ray_local):
     from artfuse.data.samples import generate_samples
     from artfuse.pipelines.tune import tune

@@ -118,6 +118,7 @@ def test_a_run_that_moves_nothing_stops_then_a_rerun_ends_complete(tmp_path, ray
     generate_samples(str(collection), n=32, size_range=SMALL)
     save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
     pause = tmp_path / "pause"
+    pause.mkdir()  # the stall may come before the actor's first batch (decode done, the actor still starting)
     stuck = ["pause.point=batch", "pause.after=1", f"pause.dir={pause}", "label.stall_timeout_s=5"]
     try:
         with pytest.raises(LabelStalled, match=r"moved nothing for 5 s \(label\.stall_timeout_s\)"):

@@ -51,7 +51,9 @@ TINY = [
     "tune.reduction_factor=3",
     "tune.max_concurrent_trials=2",
 ]
-N_TRIALS = 4
+# The kill test's search, two at a time: at the kill one trial has finished, one is midway and the third has just
+# started or not yet; the rerun finishes the last two side by side (a fourth trial would cost the rerun a round).
+N_TRIALS = 3
 # The ASHA test's search, one trial at a time: the first trial to reach the rung always goes on (there is no cutoff
 # yet), the third is stopped if it scores below the median of the first two. With the seeded space below, the first
 # and third sample hopeless learning rates (about 1e-5: three steps leave the weights near their seeded start, macro-F1

@@ -96,10 +96,10 @@ def cmd_label(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from artfuse.pipelines.bench import bench, bench_memory, format_bench, format_memory
+    from artfuse.bench.label import bench, bench_memory, format_bench, format_memory
 
     if args.nightly:
-        from artfuse.pipelines.bench_nightly import bench_nightly, format_nightly
+        from artfuse.bench.nightly import bench_nightly, format_nightly
 
         result = bench_nightly(
             _config(args),
@@ -115,21 +115,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(format_nightly(result))
         return
     if args.listing:
-        from artfuse.pipelines.bench_nightly import bench_listing, format_listing
+        from artfuse.bench.nightly import bench_listing, format_listing
 
         result = bench_listing(_config(args), args.listing, args.archive, args.out)
         _print(result)
         print(format_listing(result))
         return
     if args.train:
-        from artfuse.pipelines.bench_train import bench_train, format_train_bench
+        from artfuse.bench.train import bench_train, format_train_bench
 
         result = bench_train(_config(args), args.out)
         _print(result)
         print(format_train_bench(result))
         return
     if args.simulate is not None:
-        from artfuse.pipelines.bench_simulate import format_simulate, simulate
+        from artfuse.bench.simulate import format_simulate, simulate
 
         result = simulate(_config(args), args.simulate or None, args.nodes, args.out)
         _print(result)
@@ -364,7 +364,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         const="",
         metavar="TIMINGS.json",
         help="instead: the label pipeline on a GPU machine's logical resources (16 CPUs, 1 GPU a node), each stage a "
-        "sleep of the per-batch time measured on the card (default: the H200's, artfuse/pipelines/timings/h200.json)",
+        "sleep of the per-batch time measured on the card (default: the H200's, artfuse/bench/timings/h200.json)",
     )
     p.add_argument(
         "--nodes",

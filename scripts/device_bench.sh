@@ -19,7 +19,7 @@ out=${OUT:-/tmp/artfuse-device}
 mkdir -p "$out"
 if [ -f .devbundle/ray-site.tar.xz ]; then
   mkdir -p /tmp/site && tar -xJf .devbundle/ray-site.tar.xz -C /tmp/site
-  # Ray's vendored psutil is what artfuse.pipelines.bench imports there (the GPU image has no psutil of its own).
+  # Ray's vendored psutil is what artfuse.bench.label imports there (the GPU image has no psutil of its own).
   export PYTHONPATH=/tmp/site:/tmp/site/ray/thirdparty_files:$PWD
 fi
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
@@ -27,7 +27,7 @@ py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi") > "$out/gpu.txt" 2>&1
 "$py" - <<'EOF' | tee -a "$out/gpu.txt"
-import os, ray, torch, torchvision, timm, artfuse.pipelines.bench
+import os, ray, torch, torchvision, timm, artfuse.bench.label
 print("python", os.sys.version.split()[0], "ray", ray.__version__, "torch", torch.__version__,
       "torchvision", torchvision.__version__, "timm", timm.__version__, "cuda", torch.cuda.is_available(),
       "cpus", os.cpu_count())

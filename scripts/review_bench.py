@@ -26,9 +26,9 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 
+from artfuse.bench.label import synthetic_jpegs, write_collection
 from artfuse.config import LabelConfig, load_config
 from artfuse.data.catalog import list_inputs
-from artfuse.pipelines.bench import synthetic_jpegs, write_collection
 from artfuse.pipelines.label import prediction_rows
 from artfuse.review.app import review_server, serve_in_thread
 

@@ -6,7 +6,7 @@ The archive is the nightly bench's (`artfuse bench --nightly N`): N - 1,000 obje
 1,000, and 1,000 new ones under arrived-tonight/. Uploading 100k objects over HTTP takes moto many minutes (about
 265 objects/s on a quiet machine, far fewer on a busy one), so the server runs in a process of its own, as
 `moto_server` does, filled through moto's in-memory backend before it serves. Then the two listings go through
-HTTP as a job's would (`artfuse.pipelines.bench_nightly.compare_listings`). Against a real endpoint, use
+HTTP as a job's would (`artfuse.bench.nightly.compare_listings`). Against a real endpoint, use
 `artfuse bench --listing N --archive s3://...`, which uploads the archive once.
 """
 
@@ -22,7 +22,7 @@ NEW = 1000
 
 
 def keys(n: int) -> list[str]:
-    from artfuse.pipelines.bench_nightly import NEW_FOLDER, object_key
+    from artfuse.bench.nightly import NEW_FOLDER, object_key
 
     archive = f"archive-{n}"
     return [f"{archive}/{object_key(i)}" for i in range(n - NEW)] + [
@@ -65,8 +65,8 @@ def main() -> None:
     host, port = mine.recv()
     os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
 
+    from artfuse.bench.nightly import compare_listings, format_listing
     from artfuse.config import load_config
-    from artfuse.pipelines.bench_nightly import compare_listings, format_listing
 
     cfg = load_config(None, [f"storage.list_threads={args.threads}"])
     result = {"n_objects": args.objects, "server": "moto (ThreadedMotoServer, own process)"}

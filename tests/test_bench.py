@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from artfuse.bench.label import gpu_decode_alone, synthetic_jpegs
 from artfuse.cli import main
 from artfuse.config import ConfigError, load_config
-from artfuse.pipelines.bench import gpu_decode_alone, synthetic_jpegs
+from artfuse.models.predict import native_cpu_bf16
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
 SMALL_BENCH = ["bench.n_images=24", "bench.width=160", "bench.height=120", "bench.model_batches=2"]
@@ -81,7 +82,7 @@ def test_bench_nightly_labels_exactly_the_new_objects_of_an_archive(tmp_path, ra
 
 def test_bench_nightly_refuses_an_archive_the_disk_cannot_hold(tmp_path, monkeypatch):
     """The free-space check runs before anything is written, naming what is needed and what is free."""
-    from artfuse.pipelines import bench_nightly
+    from artfuse.bench import nightly as bench_nightly
 
     real = os.statvfs(tmp_path)
     small = os.statvfs_result((real.f_bsize, real.f_frsize, 0, 0, 1000, 0, 0, 500, 0, real.f_namemax))
@@ -107,4 +108,7 @@ def test_bench_train_times_the_bare_step_and_the_ray_train_loop(tmp_path, ray_lo
     assert 0 < result["warmup_s"] < result["train_duration_s"]
     assert len(result["loop_img_s_by_epoch"]) == 2 and result["loop_img_s"] == result["loop_img_s_by_epoch"][-1]
     assert result["config"]["batch_size"] == 4
+    # the step in fp32 beside it: what train.precision's choice gives here
+    assert result["precision"] == ("bf16" if native_cpu_bf16() else "fp32") and result["step_fp32_img_s"] > 0
+    assert result["precision_speedup"] == pytest.approx(result["step_img_s"] / result["step_fp32_img_s"], abs=0.01)
     assert "Ray Train loop" in capsys.readouterr().out

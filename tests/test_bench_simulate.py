@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from artfuse.bench.simulate import Timings
 from artfuse.cli import main
-from artfuse.pipelines.bench_simulate import Timings
 
 # Short: 2 card-seconds of images each path, at 8x slowed time so that this machine's own work (the actor builds real
 # prediction rows; the test suite runs beside it) weighs little against the card's. At 4x under load the nvJPEG path

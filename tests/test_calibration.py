@@ -4,6 +4,7 @@ label config choose each task's threshold."""
 import numpy as np
 import pytest
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, LabelConfig, load_config
 from artfuse.models.calibration import (
     FALLBACK_REVIEW_THRESHOLD,
@@ -16,7 +17,6 @@ from artfuse.models.calibration import (
 )
 from artfuse.models.package import load_package, set_calibration
 from artfuse.models.predict import Predictor
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.reporting.calibration import expected_calibration_error, lowest_threshold, reliability, risk_coverage
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from test_train import TINY
 from artfuse.config import ConfigError, DataConfig, load_config
 from artfuse.data.catalog import LEFT_OUT, load_collection
 from artfuse.data.samples import generate_samples
+from artfuse.models.predict import native_cpu_bf16
+from artfuse.pipelines import ablate as ablate_module
 from artfuse.pipelines.ablate import ablate
 from artfuse.pipelines.evaluate import calibrate_out_of_fold
 
@@ -55,7 +58,7 @@ def test_folds_are_disjoint_stratified_and_hold_out_every_non_test_image_once(sa
 
 
 @pytest.mark.slow
-def test_ablate_over_folds_scores_each_held_fold_and_a_rerun_trains_nothing(samples, tmp_path, ray_local):
+def test_ablate_over_folds_scores_each_held_fold_and_a_rerun_trains_nothing(samples, tmp_path, ray_local, monkeypatch):
     # 2 folds, the fewest trainings that still stop after the first and go on with the rest: the folds themselves
     # are checked at K = 5 above
     out, cfg = tmp_path / "folds", load_config(None, [*TINY, "train.epochs=1"])
@@ -78,6 +81,27 @@ def test_ablate_over_folds_scores_each_held_fold_and_a_rerun_trains_nothing(samp
         held = np.load(record.parent / "val_logits.npz")  # the held fold's out-of-fold logits, for calibration
         assert held["logits/label"].shape == (run["row"]["n"], 6) and len(held["labels/label"]) == run["row"]["n"]
     assert "2-fold cross-validation over the images outside the test split" in (out / "ablation.md").read_text()
+    assert {json.loads(r.read_text())["row"]["precision"] for r in records} == {"bf16" if native_cpu_bf16() else "fp32"}
+
+    # The runs' small files alone, on another machine (as committed to git): the collection copied elsewhere (new
+    # paths, new mtimes), the run folders without weights, checkpoints or plots. A rerun trains nothing, and the
+    # out-of-fold calibration reads them.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(samples, elsewhere / "samples", copy_function=shutil.copy)
+    shutil.copytree(out, elsewhere / "folds", ignore=shutil.ignore_patterns("model.safetensors", "_train", "*.png"))
+    assert not list((elsewhere / "folds").rglob("model.safetensors"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold run was trained again")
+
+    monkeypatch.setattr(ablate_module, "train_run", no_training)
+    again = ablate(str(elsewhere / "samples"), str(elsewhere / "folds"), cfg, archs=("cnn_only",), folds=2)
+    assert again["archs"]["cnn_only"]["accuracy"] == cnn["accuracy"] and again["archs"]["cnn_only"]["n"] == 36
+    calibrated = calibrate_out_of_fold(str(runs / "fold0"), str(elsewhere / "folds" / "cnn_only" / "seed0"), cfg)
+    assert str(elsewhere) in json.dumps(calibrated)
+    with pytest.raises(ConfigError, match="trained on another collection"):
+        generate_samples(str(tmp_path / "other"), n=48, seed=2)
+        ablate(str(tmp_path / "other"), str(elsewhere / "folds"), cfg, archs=("cnn_only",), folds=2)
     # the temperature and review threshold fitted on every held fold's predictions: each image outside the test split
     fitted = calibrate_out_of_fold(str(runs / "fold0"), str(runs), cfg)
     assert fitted["tasks"]["label"]["n"] == 36 and fitted["fitted_on"].startswith("out-of-fold predictions")

@@ -20,13 +20,13 @@ from iiif_server import image_server, requests_logged
 from PIL import Image
 
 from artfuse import cli
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, DataConfig, StorageConfig, load_config
 from artfuse.data import http, iiif, storage
 from artfuse.data.catalog import load_collection
 from artfuse.data.iiif import image_request, list_canvases
 from artfuse.data.preprocess import Preprocess
 from artfuse.models.package import read_manifest
-from artfuse.pipelines.bench import save_untrained_package
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]
 # A tiny model needs little memory: the default 4 GiB reservation cannot be scheduled on a busy 24 GiB machine.

@@ -14,11 +14,11 @@ import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 import pytest
 
+from artfuse.bench.label import save_untrained_package, synthetic_jpegs
 from artfuse.config import ConfigError, load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.inventory import read_inventory, write_inventory
-from artfuse.pipelines.bench import save_untrained_package, synthetic_jpegs
 from artfuse.pipelines.label import label, read_output
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none"]

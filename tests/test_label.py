@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, LabelConfig, load_config
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import (
     LabelModel,
     label,

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import LabelStalled, label, read_output
 from artfuse.pipelines.label_output import OutputLocked
 from artfuse.pipelines.pause import PAUSED, RELEASE

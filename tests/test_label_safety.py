@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from test_label import FAST, SMALL, TINY
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.prediction_files import is_own_file
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.evaluate import evaluate
 from artfuse.pipelines.label import label
 from artfuse.pipelines.label_output import (

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, ModelConfig, load_config
 from artfuse.models import create_model, data_config, load_backbone_weights
+from artfuse.models.fusion import SINGLE_KERNEL
 from artfuse.models.package import MANIFEST, load_package
-from artfuse.pipelines.bench import save_untrained_package
 
 TASKS = {"artist": 3, "style": 2}
 TINY = ModelConfig(pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16)
@@ -283,6 +284,24 @@ def test_frozen_layers_keep_their_weights_and_statistics_through_training(arch, 
     package_model.load_state_dict(after)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(package_model.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])  # BatchNormAct2d, and plain BatchNorm2d
+def test_frozen_norms_run_as_one_kernel_with_timms_results_and_state_dict(backbone, tmp_path):
+    weights = tmp_path / "backbone.safetensors"
+    cnn = replace(TINY, arch="cnn_only", backbone=backbone)
+    save_file(create_model(cnn, TASKS).backbone.state_dict(), str(weights))
+    model = create_model(replace(cnn, arch="fusion", pretrained=str(weights), freeze_stride=8), TASKS).eval()
+    kinds = {type(module) for module in model.modules()}
+    assert kinds & set(SINGLE_KERNEL.values()) and not kinds & set(SINGLE_KERNEL)
+    x = torch.randn(2, 3, 64, 64) * 3 + 1
+    fast, keys = model(x), list(model.state_dict())
+    originals = {fast_kind: original for original, fast_kind in SINGLE_KERNEL.items()}
+    for module in model.modules():
+        if type(module) in originals:
+            module.__class__ = originals[type(module)]
+    torch.testing.assert_close(model(x), fast)
+    assert list(model.state_dict()) == keys  # packages trained before or after load either way
 
 
 def test_freezing_needs_pretrained_cnn_weights_and_a_stride_the_backbone_has():

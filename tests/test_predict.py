@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.config import ConfigError, load_config
 from artfuse.models.package import load_package
 from artfuse.models.predict import Predictor
-from artfuse.pipelines.bench import save_untrained_package
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.pretrained=none", "model.dropout=0"]
 

@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.cli import main
 from artfuse.config import load_config
 from artfuse.data import storage
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import label
 from artfuse.reporting import report
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from artfuse.bench.label import save_untrained_package
 from artfuse.cli import main
 from artfuse.cluster import requests
 from artfuse.cluster.requests import PoolSize, label_pool, most_that_fit
 from artfuse.config import ClusterConfig, ConfigError, load_config
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.bench import save_untrained_package
 from artfuse.pipelines.label import actor_resources, decode_resources
 
 TINY = ["model.img_size=64", "model.d_model=32", "model.num_heads=2", "model.depth=1", "model.pretrained=none"]

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from artfuse.config import ConfigError, load_config
 from artfuse.data.samples import generate_samples
+from artfuse.pipelines import train as train_module
 from artfuse.pipelines.pause import PAUSED, RELEASE
-from artfuse.pipelines.train import load_checkpoint, train
+from artfuse.pipelines.train import build_train_step, load_checkpoint, train, trains_in_bf16
 
 TINY = [
     "model.img_size=64",
@@ -156,3 +158,21 @@ def test_a_checkpoint_of_the_old_format_is_refused_by_name(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"{tmp_path} holds no checkpoint.pt.*new --out"):
         load_checkpoint(tmp_path)
+
+
+def test_train_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "native_cpu_bf16", lambda native=native: native)
+        assert trains_in_bf16("auto", cpu) is native and trains_in_bf16("auto", cuda)
+        assert trains_in_bf16("bf16", cpu) and not trains_in_bf16("fp32", cpu) and not trains_in_bf16("fp32", cuda)
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp16"])
+    # the step's forward runs in the dtype it was given, its loss and optimiser in fp32
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = load_config(None, [*TINY, f"train.precision={precision}"])
+        step = build_train_step(cfg, {"label": ["a", "b"]}, cpu, None, wrap=lambda model: model)
+        seen = []
+        step.raw_model.head["label"].register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.dtype))
+        loss = step(torch.randn(4, 3, 64, 64), {"label": torch.tensor([0, 1, 0, 1])}, 1.0, 0)
+        assert step.precision == precision and seen == [dtype] and loss.dtype == torch.float32

@@ -74,6 +74,19 @@ class Collection:
             digest.update(("\x1e" + "\x1f".join(row)).encode())
         return digest.hexdigest()[:16]
 
+    @property
+    def content_fingerprint(self) -> str:
+        """`fingerprint` over paths relative to `root` and sizes instead of URIs and etags (a local etag is the
+        mtime): the same images and labels copied to another folder or machine keep it, as a git clone does."""
+        digest = hashlib.sha256("\x1f".join(self.tasks).encode() + self.extra.encode())
+        prefix = self.root.rstrip("/") + "/"
+        paths = [uri.removeprefix(prefix) for uri in self.table.column("uri").to_pylist()]
+        sizes = [str(size) for size in self.table.column("size").to_pylist()]
+        labels = [self.table.column(task).to_pylist() for task in self.tasks]
+        for row in sorted(zip(paths, sizes, *labels, strict=True)):
+            digest.update(("\x1e" + "\x1f".join(row)).encode())
+        return digest.hexdigest()[:16]
+
     def subset(self, split: str) -> pa.Table:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -2,7 +2,8 @@
 cross-validated over K folds.
 
 Under `--out`:
-  <arch>/seed<k>/          the package of that run (plus ablation_run.json); kept, so each can be evaluated elsewhere
+  <arch>/seed<k>/          the package of that run, plus its record (ablation_run.json) and scores (metrics.json);
+                           kept, so each can be evaluated elsewhere
   <arch>/seed<k>/fold<f>/  with --folds: the run that held out fold f (its validation split; data.folds, data.fold)
   _train/<arch>-seed<k>/   its Ray Train checkpoints while it runs (a run killed midway resumes from its last epoch)
   runs.csv                 one row per finished (arch, seed[, fold])
@@ -13,7 +14,10 @@ Under `--out`:
 
 A rerun with the same `--out` skips every finished run, after checking that it was trained on the same collection with
 the same configuration apart from the seed and fold, so a long ablation can be run in pieces (`--first-folds N` stops
-after the first N folds of every arch: a cross-validation that is cut short still compares like with like).
+after the first N folds of every arch: a cross-validation that is cut short still compares like with like). A run's
+small files are the whole of what a rerun and `calibrate --out-of-fold` read: ablation_run.json, metrics.json,
+artfuse.json and val_logits.npz (a few kB; the weights are not needed), so a folder of them alone, copied to another
+machine or committed to git, resumes there; the collection is recognised by its content, not its path.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from artfuse.reporting.metrics import mean_interval
 log = logging.getLogger(__name__)
 ARCHS = CHOICES["model.arch"]
 RUN_RECORD = "ablation_run.json"  # in each run's package folder: its row, configuration and collection
+METRICS = "metrics.json"  # beside it: the scores the row sums up (the held fold's, the test split's or val's)
 SCORES = ("accuracy", "macro_f1")
 
 
@@ -125,6 +130,7 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
         "best_epoch": trained["best_epoch"],
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "train_img_s": round(statistics.median(trained["train_img_s_by_epoch"]), 1),
+        "precision": trained["precision"],
         "minutes": round((time.time() - started) / 60, 1),
         **single_task_interval(scores),  # the run's own 95 % bootstrap interval over its images
         **{
@@ -133,7 +139,14 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
             for label, per_class in task_scores["per_class"].items()
         },
     }
-    record = {"row": row, "config": comparable_config(cfg), "fingerprint": inputs.collection.fingerprint}
+    record = {
+        "row": row,
+        "config": comparable_config(cfg),
+        "fingerprint": inputs.collection.fingerprint,
+        "content_fingerprint": inputs.collection.content_fingerprint,  # what a copy elsewhere is checked against
+    }
+    storage.write_bytes(storage.join(package_uri, METRICS), json.dumps(scores, indent=1).encode(), cfg.storage)
+    # The record last: a run folder that has it is finished (a rerun skips it), whatever machine the folder is on.
     storage.write_bytes(storage.join(package_uri, RUN_RECORD), json.dumps(record, indent=1).encode(), cfg.storage)
     # Finished and packaged: its checkpoints (weights, EMA and optimiser state; about 150 MB a run at the default
     # budget) are only needed to resume an unfinished run.
@@ -163,7 +176,9 @@ def finished_run(package_uri: str, cfg: Config, collection: Collection) -> dict 
     if not storage.exists(path, cfg.storage):
         return None
     record = json.loads(storage.read_bytes(path, cfg.storage))
-    if record["fingerprint"] != collection.fingerprint:
+    # Records from before content_fingerprint carry the location-bound one only.
+    theirs = record.get("content_fingerprint") or record["fingerprint"]
+    if theirs not in (collection.content_fingerprint, collection.fingerprint):
         raise ConfigError(f"{package_uri} was trained on another collection (or a changed one): use a new --out")
     if record["config"] != comparable_config(cfg):
         theirs, ours = record["config"], comparable_config(cfg)

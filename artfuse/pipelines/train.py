@@ -42,6 +42,7 @@ from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
 from artfuse.models.fusion import BRANCHES
 from artfuse.models.package import save_package
+from artfuse.models.predict import native_cpu_bf16
 from artfuse.pipelines.pause import pause_point
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
@@ -285,6 +286,7 @@ def export_package(result: ray.train.Result, inputs: TrainInputs, cfg: Config, o
         "corrections": inputs.corrections,
         "epochs_run": len(history),
         "train_img_s": history[-1]["train_img_s"] if history else None,
+        "precision": history[-1].get("precision") if history else None,  # absent from older checkpoints' history
         "train_img_s_by_epoch": [h["train_img_s"] for h in history],
         # seconds from the start to the first optimizer step, per attempt (a resumed run has two)
         "first_step_s": [h["first_step_s"] for h in history if h.get("first_step_s") is not None],
@@ -409,10 +411,11 @@ class TrainStep:
     losses: dict[str, torch.nn.Module]
     branch_loss: float
     grad_clip: float
-    autocast: torch.autocast
+    device_type: str
+    precision: str  # bf16 | fp32: the dtype the forward runs in (train.precision resolved on this device)
 
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor], lam: float, step: int) -> torch.Tensor:
-        with self.autocast:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x, branch_logits=True) if self.branch_loss else self.model(x)
             loss = sum(mixed_loss(self.losses[t], logits[t].float(), targets[t], lam) for t in targets)
             if self.branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
@@ -441,9 +444,8 @@ def build_train_step(
     """The model, optimiser, losses and EMA of a run; `wrap` prepares the model for the workers (Ray Train's DDP)."""
     # The EMA (timm's ModelEmaV3) is a second model with its own weights: the averaged ones, steadier on small
     # collections (the paper's unstable training); its warmup makes the average's horizon grow with the steps.
-    raw_model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()})
-    if device.type == "cuda":
-        raw_model = raw_model.to(memory_format=torch.channels_last)
+    # channels_last on CPUs too: oneDNN's convolutions run faster on it (2-core Zen 5, fusion at 288 px: 1.4x)
+    raw_model = create_model(cfg.model, {t: len(v) for t, v in vocabs.items()}).to(memory_format=torch.channels_last)
     model = wrap(raw_model)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -462,8 +464,16 @@ def build_train_step(
         },
         branch_loss=cfg.model.branch_loss if cfg.model.arch == "fusion" else 0.0,
         grad_clip=cfg.train.grad_clip,
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        device_type=device.type,
+        precision="bf16" if trains_in_bf16(cfg.train.precision, device) else "fp32",
     )
+
+
+def trains_in_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision resolved on the worker's device: auto is bf16 where the hardware computes it natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
 
 
 def train_loop(config: dict) -> None:
@@ -543,6 +553,7 @@ def train_loop(config: dict) -> None:
             "train_img_s": round(seen * world / elapsed, 2),
             "val_accuracy": mean_over_tasks(val, "accuracy"),
             "val_macro_f1": mean_over_tasks(val, "macro_f1"),
+            "precision": step_fn.precision,  # train.precision as resolved on this worker
         }
         if epoch == start_epoch:  # this attempt's warm-up: from the driver's start to its first optimizer step
             metrics["first_step_s"] = first_step_s

@@ -38,10 +38,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from artfuse.bench.label import DISTINCT_IMAGES, machine, save_untrained_package, synthetic_jpegs
 from artfuse.cluster.runtime import ensure_ray
 from artfuse.config import Config, ConfigError
 from artfuse.data import inventory, storage
-from artfuse.pipelines.bench import DISTINCT_IMAGES, machine, save_untrained_package, synthetic_jpegs
 from artfuse.pipelines.label import output_dataset, prediction_schema, read_output
 
 log = logging.getLogger(__name__)

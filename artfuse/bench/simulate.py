@@ -43,11 +43,11 @@ import ray.data
 import torch
 from ray.cluster_utils import Cluster
 
+from artfuse.bench.simulated_read import simulated_read
 from artfuse.config import Config, ConfigError, LabelConfig
 from artfuse.data import storage
 from artfuse.data.preprocess import CROP_FRACTION
 from artfuse.pipelines.label import LabelModel, label_stages, write_predictions
-from artfuse.pipelines.simulated_read import simulated_read
 
 log = logging.getLogger(__name__)
 GB = 2**30
@@ -86,7 +86,7 @@ class Timings:
             if uri:
                 raw = json.loads(storage.read_bytes(uri))
             else:
-                raw = json.loads(resources.files("artfuse.pipelines").joinpath("timings/h200.json").read_text())
+                raw = json.loads(resources.files("artfuse.bench").joinpath("timings/h200.json").read_text())
             rates, node = raw["img_s"], raw["node"]
             return cls(
                 machine=str(raw["machine"]),
@@ -107,7 +107,7 @@ class Timings:
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(
                 f"bench --simulate: {uri or 'the default timings'} is not a timings file ({type(e).__name__}: {e}); "
-                "see artfuse/pipelines/timings/h200.json for the keys"
+                "see artfuse/bench/timings/h200.json for the keys"
             ) from e
 
     def slowed(self, factor: float) -> Timings:

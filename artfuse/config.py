@@ -112,7 +112,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # leave CPUs to Ray Data (docs/architecture.md, CPU starvation)
     compile: bool = False  # torch.compile the model (GPU)
     # The training step's autocast: auto = bf16 on a GPU, and on a CPU that computes bf16 natively (AVX512-BF16 or AMX;
-    # a 2-core Zen 5 trains the default fusion about 1.6x faster than in fp32), fp32 on other CPUs; bf16 | fp32: always
+    # 2-core Zen 5, the default fusion: the step 1.1x faster than in fp32), fp32 on other CPUs; bf16 | fp32: always
     precision: str = "auto"
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     seed: int = 0

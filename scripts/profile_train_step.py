@@ -10,7 +10,8 @@
    +cl        channels_last weights too
    +cl+bn     and the frozen norms as one batch_norm kernel (what create_model builds now)
    +cl+bn+bf16  and bf16 autocast (train.precision=bf16; `auto` picks it on a CPU with native bf16)
-Single process, the node's cores as torch threads, batch train.batch_size at model.img_size.
+Single process, the node's cores as torch threads, batch train.batch_size at model.img_size; glibc keeps freed
+blocks for reuse as in the training loop (`keep_freed_memory`), unless --glibc-default.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from artfuse.cluster.runtime import node_cpus
 from artfuse.config import load_config
 from artfuse.models.fusion import SINGLE_KERNEL
-from artfuse.models.predict import native_cpu_bf16
+from artfuse.models.predict import keep_freed_memory, native_cpu_bf16
 from artfuse.pipelines.train import build_train_step
 
 VARIANTS = ("before", "+cl", "+cl+bn", "+cl+bn+bf16")
@@ -71,7 +72,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is")
     args = parser.parse_args()
+    if not args.glibc_default:
+        keep_freed_memory()
     cfg = load_config(None, [f"model.arch={args.arch}", *args.overrides])
     vocabs = {"label": [f"class{i}" for i in range(5)]}
     torch.set_num_threads(cfg.train.torch_threads or node_cpus())

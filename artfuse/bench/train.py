@@ -30,7 +30,7 @@ from artfuse.config import Config, ConfigError
 from artfuse.data import storage
 from artfuse.data.catalog import load_collection
 from artfuse.data.samples import generate_samples
-from artfuse.models.predict import pick_device
+from artfuse.models.predict import keep_freed_memory, pick_device
 from artfuse.pipelines.train import build_train_step, train
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def step_alone(cfg: Config, vocabs: dict[str, list[str]]) -> float:
     device = pick_device(cfg.train.use_gpu)
     if device.type == "cpu":
         torch.set_num_threads(cfg.train.torch_threads or node_cpus())  # as train_loop, one worker a node
+        keep_freed_memory()
     step_fn = build_train_step(cfg, vocabs, device, None, wrap=lambda model: model)
     step_fn.model.train()
     n, size = cfg.train.batch_size, cfg.model.img_size

@@ -42,7 +42,7 @@ from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
 from artfuse.models.fusion import BRANCHES
 from artfuse.models.package import save_package
-from artfuse.models.predict import native_cpu_bf16
+from artfuse.models.predict import keep_freed_memory, native_cpu_bf16
 from artfuse.pipelines.pause import pause_point
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
@@ -489,6 +489,7 @@ def train_loop(config: dict) -> None:
         # kept small only so Ray Data can schedule, so let the forward/backward use the node's cores.
         threads = cfg.train.torch_threads or max(1, node_cpus() // context.get_local_world_size())
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a step's activations are reused, not page-faulted in again
 
     step_fn = build_train_step(cfg, vocabs, device, config["class_weights"], wrap=ray.train.torch.prepare_model)
     raw_model, ema, optimizer = step_fn.raw_model, step_fn.ema, step_fn.optimizer

@@ -1,9 +1,11 @@
 """Where a training step's time goes on this machine's CPU, and what each of the CPU fast path's parts gives.
 
-    python scripts/profile_train_step.py [--arch fusion] [--rounds 3] [--steps 6] [--set key=value ...]
+    python scripts/profile_train_step.py [--arch fusion] [--rounds 3] [--steps 6] [--profile VARIANT] [--glibc-default]
+                                         [--set key=value ...]
 
-1. The profile: PyTorch's profiler over `--steps` steps of the configured training step (`TrainStep`, the loop's own:
-   forward with the branches' loss, backward, clip, AdamW, EMA) on random tensors, the ops by their own CPU time.
+1. The profile: PyTorch's profiler over `--steps` steps of one variant (`--profile`, default the step as the loop now
+   runs it; `TrainStep`, the loop's own: forward with the branches' loss, backward, clip, AdamW, EMA) on random
+   tensors, the ops by their own CPU time.
 2. The variants, each in turn, `--rounds` times (this machine drifts: compare within the run), median img/s:
    before     the step as it was: NCHW weights, timm's frozen norms (a multiply and an add), fp32; the input in
               channels_last memory, as Preprocess.to_tensor gives the loop (so the convolutions ran channels_last)
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--profile", choices=VARIANTS, default=VARIANTS[-1], help="the variant profiled")
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is")
     args = parser.parse_args()
     if not args.glibc_default:
@@ -82,7 +85,7 @@ def main() -> None:
     print(f"{args.arch}, batch {cfg.train.batch_size} at {cfg.model.img_size} px, {torch.get_num_threads()} threads, "
           f"native bf16: {native_cpu_bf16()}")  # fmt: skip
 
-    step = step_for(cfg, vocabs, "+cl+bn+bf16" if cfg.train.precision != "fp32" else "+cl+bn")
+    step = step_for(cfg, vocabs, args.profile)
     x, targets = batch(cfg, vocabs)
     img_s(step, x, targets, 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -96,6 +99,8 @@ def main() -> None:
             x, targets = batch(cfg, vocabs)
             figures[variant].append(img_s(step_for(cfg, vocabs, variant), x, targets, args.steps))
             print(f"  {variant:<12} {figures[variant][-1]:6.2f} img/s", flush=True)
+    if args.rounds < 1:
+        return
     before = statistics.median(figures["before"])
     for variant, values in figures.items():
         median = statistics.median(values)

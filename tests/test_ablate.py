@@ -13,7 +13,7 @@ from artfuse.config import ConfigError, DataConfig, load_config
 from artfuse.data.catalog import load_collection
 from artfuse.data.samples import generate_samples
 from artfuse.models.package import load_package
-from artfuse.pipelines.ablate import ablate
+from artfuse.pipelines.ablate import ablate, paired_differences, to_markdown
 from artfuse.pipelines.evaluate import trained_split
 
 # test_train's tiny model; fusion also trains its branch heads' auxiliary loss, on batches mixed by mixup or CutMix
@@ -79,3 +79,32 @@ def test_ablation_over_seeds_tabulates_the_test_split_and_a_rerun_skips_finished
     del training["data_config"]["test_fraction"]
     older = load_collection(str(samples), trained_split(DataConfig(), training, ["label"]))
     assert older.subset("test").num_rows == 0 and older.subset("val").num_rows == 6
+
+
+def test_paired_differences_compare_the_first_arch_fold_by_fold_on_the_folds_both_have():
+    runs = [
+        *({"arch": "fusion", "seed": 0, "fold": f, "accuracy": a} for f, a in enumerate([0.90, 0.88, 0.86, 0.91])),
+        *({"arch": "cnn_only", "seed": 0, "fold": f, "accuracy": a} for f, a in enumerate([0.91, 0.86, 0.86])),
+        {"arch": "transformer_only", "seed": 0, "fold": 0, "accuracy": 0.70},
+    ]
+    paired = paired_differences(runs)
+    cnn = paired["cnn_only"]
+    assert cnn["against"] == "fusion" and cnn["runs"] == 3 and cnn["differences"] == [-0.01, 0.02, 0.0]
+    assert cnn["mean"] == pytest.approx(0.0033, abs=1e-4)
+    low, high = cnn["ci"]
+    assert low < 0 < high and high - cnn["mean"] == pytest.approx(cnn["mean"] - low, abs=1e-3)  # t, 2 df: wide
+    assert paired["transformer_only"]["differences"] == [0.2] and paired["transformer_only"]["ci"] is None
+    assert paired_differences(runs[:4]) == {}  # one arch: nothing to pair
+    summary = {
+        "data": "d",
+        "measured": [],
+        "archs": {},
+        "paired": paired,
+        "minutes_total": 1,
+        "budget": {
+            "model": load_config(None, []).model.__dict__,
+            "data": {**DataConfig().__dict__, "folds": 5},
+            "train": load_config(None, []).train.__dict__,
+        },
+    }
+    assert "fusion - cnn_only, accuracy, paired over the 3 runs both have" in to_markdown(summary)

@@ -246,9 +246,33 @@ def summarize_runs(runs: list[dict], collection: Collection, data_uri: str, cfg:
         "data": data_uri,
         "measured": measured,
         "archs": archs,
+        "paired": paired_differences(runs),
         "minutes_total": round(sum(row["minutes"] for row in runs), 1),
         "budget": {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "train": to_dict(cfg.train)},
     }
+
+
+def paired_differences(runs: list[dict], column: str = "accuracy") -> dict:
+    """Per arch after the first: the first arch's `column` minus its own, on each (seed, fold) both have (the same
+    held images), with the mean and its 95 % t-interval: the comparison a decision between two archs is made on."""
+    archs = list(dict.fromkeys(row["arch"] for row in runs))
+    if len(archs) < 2:
+        return {}
+    first = {(row["seed"], row.get("fold")): row[column] for row in runs if row["arch"] == archs[0]}
+    paired = {}
+    for arch in archs[1:]:
+        theirs = {(row["seed"], row.get("fold")): row[column] for row in runs if row["arch"] == arch}
+        shared = sorted(set(first) & set(theirs), key=lambda key: (key[0], key[1] if key[1] is not None else -1))
+        differences = [round(first[key] - theirs[key], 4) for key in shared]
+        paired[arch] = {
+            "against": archs[0],
+            "column": column,
+            "runs": len(differences),
+            "differences": differences,
+            "mean": round(statistics.fmean(differences), 4) if differences else None,
+            "ci": mean_interval(differences),
+        }
+    return paired
 
 
 def write_outputs(out_uri: str, runs: list[dict], summary: dict, cfg: Config) -> None:
@@ -304,6 +328,14 @@ def to_markdown(summary: dict) -> str:
         cells += [f"{arch['val_accuracy_mean']:.3f}", str(arch["params_m"]), str(arch["train_img_s"])]
         cells.append(str(arch["minutes_per_run"]))
         lines.append("| " + " | ".join(cells) + " |")
+    for arch, pair in summary.get("paired", {}).items():
+        ci = f" [{pair['ci'][0]:+.3f}, {pair['ci'][1]:+.3f}]" if pair["ci"] else ""
+        mean = f"{pair['mean']:+.3f}" if pair["mean"] is not None else "none"
+        lines += [
+            "",
+            f"{pair['against']} - {arch}, {pair['column']}, paired over the {pair['runs']} runs both have (same held "
+            f"images): {mean}{ci} (mean, 95 % t-interval); each: {', '.join(f'{d:+.3f}' for d in pair['differences'])}",
+        ]
     return "\n".join(lines) + "\n"
 
 

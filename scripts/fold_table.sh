@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-paintings=${ARTFUSE_PAINTINGS:?set ARTFUSE_PAINTINGS to the folder holding the painting sets}
+paintings=$(realpath "${ARTFUSE_PAINTINGS:?set ARTFUSE_PAINTINGS to the folder holding the painting sets}")
 sets=("$@")
 [ ${#sets[@]} -gt 0 ] || sets=(western-genre chinese-genre)
 archs=${ARCHS:-fusion cnn_only}
@@ -39,7 +39,8 @@ train() {  # ablate <set> <first folds> <archs...>
   local command=(env PYTHONPATH="$code" "$python" -m artfuse.cli ablate --data "$paintings/$set" --out "$repo/$out"
     --folds "$folds" --first-folds "$first" --archs "$@")
   echo "$(date -u +%FT%TZ) $set folds < $first: $*"
-  if [ -n "${LOCK:-}" ]; then flock "$LOCK" "${command[@]}"; else "${command[@]}"; fi
+  # From CODE: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+  if [ -n "${LOCK:-}" ]; then (cd "$code" && flock "$LOCK" "${command[@]}"); else (cd "$code" && "${command[@]}"); fi
   commit "$out" "folds: $set $* through fold $((first - 1)) (scripts/fold_table.sh)"
   sleep "${PAUSE_S:-0}"  # lets whoever waits on LOCK take it between folds
 }

@@ -7,7 +7,7 @@ from artfuse.reporting.metrics import confusion_matrix, summarize
 def test_defaults_validate():
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.model.arch == "fusion"
+    assert cfg.model.arch == "cnn_only"
 
 
 def test_set_overrides_are_typed(tmp_path):

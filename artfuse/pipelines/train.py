@@ -333,7 +333,9 @@ def log_package(
     with their 95 % intervals (also as metrics.json), the package's small files; the weights only with
     tracking.log_weights."""
     run.set_tags({"artfuse.package": package_uri, "artfuse.model_id": summary["model_id"]})
-    run.log_metrics({key: summary.get(key) for key in ("best_epoch", "val_accuracy", "val_macro_f1", "duration_s")})
+    # the chosen epoch's figures, named apart from the per-epoch series of the same names
+    best = {"best_epoch": summary["best_epoch"], "duration_s": summary.get("duration_s")}
+    run.log_metrics(best | {f"best_{key}": summary[key] for key in ("val_accuracy", "val_macro_f1")})
     run.log_scores(summary["test"])
     if summary["test"]:
         run.log_json(summary["test"], f"{artifact_path}/metrics.json" if artifact_path else "metrics.json")

@@ -341,11 +341,10 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
 
 
 def log_search(run: tracking.Run, summary: dict, package: dict, out_uri: str, cfg: Config) -> None:
-    """The search's MLflow run: how its trials ended, the best trial, its package (test scores, small files) and the
-    search's own files."""
+    """The search's MLflow run: how its trials ended, the best trial and its figures, its package (test scores, small
+    files, under best/) and the search's own files."""
     run.set_tags({"artfuse.best_trial": summary["best"]["trial_id"]})
     run.log_metrics({key: summary[key] for key in ("trials", "completed", "stopped_early", "error", "not_run")})
-    run.log_metrics({f"best_{key}": value for key, value in summary["best"].items()})
     log_package(run, package, storage.join(out_uri, "best"), cfg, artifact_path="best")
     run.log_files(out_uri, ["results.csv", "best_config.yaml", "macro_f1_by_param.png", "tune_report.json"], cfg)
 

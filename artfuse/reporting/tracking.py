@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RECORD = "mlflow_run.json"  # where a resumable job keeps the id of its MLflow run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for a nested run: the UI shows it under its parent
+EXPERIMENT_KIND = "mlflow.experimentKind"
 STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}  # a Tune trial's end in MLflow
 _BATCH = 100  # MLflow takes at most 100 params or tags per request
 _MAX_PARAM = 6000  # characters of a param value MLflow keeps
@@ -132,7 +133,10 @@ def _experiment(client: Any, uri: str, name: str) -> str:
     if uri.startswith("sqlite:////"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # a model-training experiment: MLflow's UI opens it on its runs, not on the GenAI pages
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"}
+        )
     except Exception:  # another process created it meanwhile
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -281,7 +285,8 @@ def end_trials(parent: Run, rows: list[dict], runs_uri: str, cfg: Config) -> Non
             continue
         run = Run(RunRef(parent.ref.uri, parent.ref.experiment_id, kept["run_id"]))
         run.set_tags({"artfuse.trial_status": row["status"], "artfuse.stopped_early": row["stopped_early"]})
-        best = {f"best_{key}": row.get(key) for key in ("val_macro_f1", "val_accuracy", "best_epoch")}
+        best = {"best_val_macro_f1": row["val_macro_f1"], "best_val_accuracy": row["val_accuracy"]}
+        best["best_epoch"] = row["best_epoch"]
         run.log_metrics({**best, "epochs_run": row["epochs_run"]})
         run.end(STATUS.get(row["status"], "FAILED"))
 

@@ -298,7 +298,7 @@ def test_mlflow_ui_shows_the_search_with_its_trials_nested(search, browser, tmp_
         page.get_by_text(f"{len(runs)} matching runs").wait_for(timeout=30_000)
         # the search's run page names its trials as its child runs
         page.goto(f"{base}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
-        page.get_by_text("Child runs").wait_for(timeout=60_000)
+        page.get_by_text("Child runs").first.wait_for(timeout=60_000)
         for run in runs:
             if run.data.tags.get(tracking.PARENT_TAG):
                 page.get_by_text(run.info.run_name).first.wait_for(timeout=30_000)

@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements-lock.txt
-EXTRAS := pretrained,test
+EXTRAS := pretrained,tracking,test
 PIP_INSTALL = $(BIN)/pip install -q -c $(LOCK)
 export RAY_USAGE_STATS_ENABLED ?= 0
 

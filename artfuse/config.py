@@ -175,7 +175,13 @@ class TuneConfig:
     # CPUs of each trial's Ray Train workers together (overrides train.cpus_per_worker); 0.5 leaves Ray Data CPUs
     cpus_per_trial: float = 0.5
     gpus_per_trial: float = 0.0  # 0, or train.num_workers (one GPU per worker; overrides train.use_gpu)
-    seed: int = 0  # search-space sampling seed
+    # random: Ray Tune's random sampling of the space; optuna: Optuna's TPE (Ray Tune's OptunaSearch, needs the
+    # `tracking` extra), which proposes each trial from the results so far. ASHA stops weak trials under both.
+    search: str = "random"
+    # optuna: trials sampled at random before TPE models the results (Optuna's own default, 10, is more trials than a
+    # whole default search)
+    startup_trials: int = 4
+    seed: int = 0  # search-space sampling seed (both searches: one seed, the same first trials)
     # search space: a list means "choose one", a two-element [low, high] under *_range means log-uniform
     fusion: list[str] = field(default_factory=lambda: ["concat", "gated", "cross_attention"])
     depth: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -195,6 +201,16 @@ class ClusterConfig:
     # the label job's actor pool is not fitted to today's nodes. auto: yes for a cluster joined through RAY_ADDRESS
     # (`ray job submit`), no for the local one a job starts on its own machine.
     autoscaling: bool | str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    # An MLflow tracking URI: train, tune, ablate and evaluate each log a run there. Empty: MLFLOW_TRACKING_URI where it
+    # is set, else nothing is logged. sqlite:///path/mlflow.db needs no server (one machine: on a cluster, give an
+    # `mlflow server`'s http:// URI); a plain path or file: (MLflow's deprecated file store) is refused.
+    uri: str = ""
+    experiment: str = "artfuse"  # the MLflow experiment the runs go to (created where missing)
+    log_weights: bool = False  # also upload the package's weights (model.safetensors) as an artifact; no by default
 
 
 @dataclass
@@ -229,6 +245,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
 
@@ -244,6 +261,7 @@ CHOICES = {
     "label.tta": ("none", "flip"),
     "label.threshold_rule": ("point", "wilson"),
     "cluster.autoscaling": ("auto", True, False),
+    "tune.search": ("random", "optuna"),
 }
 
 
@@ -368,8 +386,21 @@ def validate(cfg: Config) -> None:
             "storage.http_timeout_s must be above 0, storage.http_retries and storage.http_backoff_s at least 0, "
             "storage.http_max_per_server at least 1"
         )
+    if cfg.tracking.uri and not tracking_uri_ok(cfg.tracking.uri):
+        raise ConfigError(
+            f"tracking.uri {cfg.tracking.uri!r} is MLflow's deprecated file store: give sqlite:///path/mlflow.db (no "
+            "server needed) or an MLflow server's http(s):// URI"
+        )
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment must name an MLflow experiment; got an empty name")
     if st.list_threads < 1:
         raise ConfigError(f"storage.list_threads must be at least 1 (1: one flat listing); got {st.list_threads}")
+
+
+def tracking_uri_ok(uri: str) -> bool:
+    """An MLflow tracking URI other than the deprecated file store (a path, or file:)."""
+    scheme = uri.partition(":")[0] if "://" in uri or uri.startswith("databricks") else ""
+    return bool(scheme) and scheme != "file"
 
 
 def check_model(m: ModelConfig) -> None:

@@ -39,11 +39,13 @@ from artfuse.models.package import read_manifest
 from artfuse.pipelines.train import (
     TrainInputs,
     export_package,
+    log_package,
     make_trainer,
     mean_over_tasks,
     prepare_inputs,
     preprocess_for,
 )
+from artfuse.reporting import tracking
 from artfuse.reporting.metrics import mean_interval
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,11 @@ def ablate(
     ]
     collection = load_collection(data_uri, dataclasses.replace(cfg.data, folds=0), cfg.storage)
     budget = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=folds, fold=0))  # what the table says
+    # One MLflow run for the ablation, one nested under it per (arch, seed[, fold]) trained; a rerun logs on to it.
+    tags = {"artfuse.fingerprint": collection.fingerprint, "artfuse.data": data_uri, "artfuse.archs": ",".join(archs)}
+    parent = tracking.start(
+        budget, "ablate", f"ablate {out_uri}", record=storage.join(out_uri, tracking.RECORD), tags=tags
+    )
     runs = []
     for seed, fold in plan:
         data_cfg = cfg.data if fold is None else dataclasses.replace(cfg.data, folds=folds, fold=fold)
@@ -101,21 +108,32 @@ def ablate(
                 log.info("%s seed %d fold %s: finished in an earlier run, skipped", arch, seed, fold)
             else:
                 inputs = inputs or prepare_inputs(data_uri, dataclasses.replace(cfg, data=data_cfg))
-                record = train_run(inputs, run_cfg, out_uri, package_uri)
+                record = train_run(inputs, run_cfg, out_uri, package_uri, parent)
             runs.append(record["row"])
             # Rewritten after every run, so a long ablation shows its finished runs while it goes on.
             summary = summarize_runs(runs, collection, data_uri, budget)
             write_outputs(out_uri, runs, summary, cfg)
+    for arch, scores in summary["archs"].items():
+        parent.log_metrics({f"{arch}.{column}_mean": scores[column]["mean"] for column in SCORES})
+    parent.log_files(out_uri, ["ablation.md", "ablation.json", "runs.csv"], cfg)
+    parent.end()
     return summary
 
 
-def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) -> dict:
+def train_run(
+    inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str, parent: tracking.Run | None = None
+) -> dict:
     arch, seed, fold = cfg.model.arch, cfg.train.seed, cfg.data.fold if cfg.data.folds else None
     started = time.time()
     arch_inputs = dataclasses.replace(inputs, preprocess=preprocess_for(cfg))  # each backbone's mean/std
     runs_uri, name = storage.join(out_uri, "_train"), f"{arch}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
-    result = make_trainer(arch_inputs, cfg, runs_uri, name=name).fit()
-    trained = export_package(result, arch_inputs, cfg, package_uri)
+    tags = {"artfuse.arch": arch, "artfuse.seed": seed, "artfuse.fold": fold}
+    run = (parent or tracking.Run(None)).child(
+        cfg, "ablate_run", name, record=storage.join(runs_uri, name, tracking.RECORD), tags=tags
+    )
+    with run.failing():
+        result = make_trainer(arch_inputs, cfg, runs_uri, name=name, tracking_run=run.ref).fit()
+        trained = export_package(result, arch_inputs, cfg, package_uri)
     split = "test" if trained["test"] else "held fold" if fold is not None else "val"
     scores = trained["test"] or read_manifest(package_uri, cfg.storage)["metrics"]
     model = create_model(cfg.model, {t: len(v) for t, v in inputs.vocabs.items()}, load_pretrained=False)
@@ -148,6 +166,10 @@ def train_run(inputs: TrainInputs, cfg: Config, out_uri: str, package_uri: str) 
     storage.write_bytes(storage.join(package_uri, METRICS), json.dumps(scores, indent=1).encode(), cfg.storage)
     # The record last: a run folder that has it is finished (a rerun skips it), whatever machine the folder is on.
     storage.write_bytes(storage.join(package_uri, RUN_RECORD), json.dumps(record, indent=1).encode(), cfg.storage)
+    run.set_tags({"artfuse.split": split})  # what the scores below were measured on: test, held fold or val
+    log_package(run, trained | {"test": scores}, package_uri, cfg)
+    run.log_files(package_uri, [RUN_RECORD], cfg)
+    run.end()
     # Finished and packaged: its checkpoints (weights, EMA and optimiser state; about 150 MB a run at the default
     # budget) are only needed to resume an unfinished run.
     storage.remove_tree(storage.join(runs_uri, name), cfg.storage)

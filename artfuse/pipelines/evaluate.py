@@ -40,6 +40,7 @@ from artfuse.models.package import read_manifest, set_calibration
 from artfuse.pipelines.ablate import RUN_RECORD
 from artfuse.pipelines.label import prediction_dataset
 from artfuse.pipelines.train import VAL_LOGITS
+from artfuse.reporting import tracking
 from artfuse.reporting.calibration import (
     RISK_COVERAGE_THRESHOLDS,
     accepted_accuracy,
@@ -76,6 +77,7 @@ class Scored:
     errors: int  # rows that could not be labelled
     truth: dict[str, np.ndarray]  # class index, -1 for a label the model was never taught
     probabilities: dict[str, np.ndarray]  # (n, n_labels) as the package predicts them (calibrated)
+    fingerprint: str = ""  # the scored collection's
 
 
 def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "test") -> Scored:
@@ -108,7 +110,7 @@ def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "te
     by_uri = {row["uri"]: row for row in predicted.to_pylist()}
     rows = [by_uri[uri] for uri in truth["uri"].to_pylist()]
     ok = np.array([row["error"] is None for row in rows], dtype=bool)
-    scored = Scored(manifest | {"tasks": vocabs}, split, int((~ok).sum()), {}, {})
+    scored = Scored(manifest | {"tasks": vocabs}, split, int((~ok).sum()), {}, {}, collection.fingerprint)
     for task, vocab in vocabs.items():
         index = {label: i for i, label in enumerate(vocab)}
         labels = np.asarray(truth[task].to_pylist(), object)[ok]
@@ -175,7 +177,31 @@ def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | P
                 png = io.BytesIO()
                 plot(*args, png)
                 storage.write_bytes(storage.join(out, name), png.getvalue(), cfg.storage)
+    log_evaluation(metrics, scored, model_uri, data_uri, cfg, out_dir)
     return metrics
+
+
+def log_evaluation(
+    metrics: dict, scored: Scored, model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | Path | None
+) -> None:
+    """The evaluation as an MLflow run (with tracking on): the scores with their intervals and calibration, and
+    metrics.json and the plots."""
+    tags = {
+        "artfuse.package": model_uri,
+        "artfuse.model_id": scored.manifest.get("model_id"),
+        "artfuse.data": data_uri or cfg.data.corrections,
+        "artfuse.fingerprint": scored.fingerprint,
+        "artfuse.split": scored.split,
+    }
+    with tracking.start(cfg, "evaluate", f"evaluate {model_uri}", tags=tags) as run:
+        run.log_scores(metrics, prefix=scored.split)
+        run.log_metrics({"errors": metrics["errors"]})
+        if out_dir:
+            names = ["metrics.json"] + [f"{kind}_{task}.png" for task in metrics["tasks"]
+                                        for kind in ("confusion", "reliability", "risk_coverage")]  # fmt: skip
+            run.log_files(str(out_dir), names, cfg)
+        else:
+            run.log_json(metrics, "metrics.json")
 
 
 def calibrate(model_uri: str, data_uri: str, cfg: Config) -> dict:

@@ -41,9 +41,10 @@ from artfuse.data.preprocess import Preprocess
 from artfuse.models import create_model, data_config
 from artfuse.models.calibration import dataset_logits, fit_calibration
 from artfuse.models.fusion import BRANCHES
-from artfuse.models.package import save_package
+from artfuse.models.package import MANIFEST, WEIGHTS, save_package
 from artfuse.models.predict import keep_freed_memory, native_cpu_bf16
 from artfuse.pipelines.pause import pause_point
+from artfuse.reporting import tracking
 from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_history
 
@@ -170,6 +171,7 @@ def make_trainer(
     name: str = "run",
     callbacks: list | None = None,
     started_at: float | None = None,
+    tracking_run: tracking.RunRef | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer whose checkpoints live under `runs_uri/name` (rerun with the same pair to resume)."""
     started_at = started_at or time.time()
@@ -196,6 +198,7 @@ def make_trainer(
             # there each epoch is its one metrics line only.
             progress_bars=sys.stderr.isatty(),
             started_at=started_at,
+            tracking_run=tracking_run,  # the MLflow run the rank-0 worker logs each epoch to (None: tracking off)
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -307,11 +310,37 @@ def train(data_uri: str, out_uri: str, cfg: Config) -> dict:
     ensure_ray()
     check_train(cfg)  # before decoding anything: workers no node can hold would wait for ever
     inputs = prepare_inputs(data_uri, cfg)
-    result = make_trainer(inputs, cfg, storage.join(out_uri, "_train"), started_at=started).fit()
-    summary = export_package(result, inputs, cfg, out_uri)
-    summary["duration_s"] = round(time.time() - started, 1)
-    storage.write_bytes(storage.join(out_uri, "train_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
+    runs_uri = storage.join(out_uri, "_train")
+    tags = {"artfuse.fingerprint": inputs.collection.fingerprint, "artfuse.data": data_uri, "artfuse.package": out_uri}
+    record = storage.join(runs_uri, tracking.RECORD)  # a resumed training logs on to the same run
+    with tracking.start(cfg, "train", f"train {out_uri}", record=record, tags=tags) as run:
+        result = make_trainer(inputs, cfg, runs_uri, started_at=started, tracking_run=run.ref).fit()
+        summary = export_package(result, inputs, cfg, out_uri)
+        summary["duration_s"] = round(time.time() - started, 1)
+        report = json.dumps(summary, indent=1).encode()
+        storage.write_bytes(storage.join(out_uri, "train_report.json"), report, cfg.storage)
+        log_package(run, summary, out_uri, cfg)
     return summary
+
+
+PACKAGE_FILES = (MANIFEST, "history.json", "curves.png")  # what a package's MLflow run keeps of it (not the weights)
+
+
+def log_package(
+    run: tracking.Run, summary: dict, package_uri: str, cfg: Config, artifact_path: str | None = None
+) -> None:
+    """A trained package (`summary`: export_package's) in its MLflow run: the chosen epoch's figures, the test scores
+    with their 95 % intervals (also as metrics.json), the package's small files; the weights only with
+    tracking.log_weights."""
+    run.set_tags({"artfuse.package": package_uri, "artfuse.model_id": summary["model_id"]})
+    # the chosen epoch's figures, named apart from the per-epoch series of the same names
+    best = {"best_epoch": summary["best_epoch"], "duration_s": summary.get("duration_s")}
+    run.log_metrics(best | {f"best_{key}": summary[key] for key in ("val_accuracy", "val_macro_f1")})
+    run.log_scores(summary["test"])
+    if summary["test"]:
+        run.log_json(summary["test"], f"{artifact_path}/metrics.json" if artifact_path else "metrics.json")
+    weights = (WEIGHTS,) if cfg.tracking.log_weights else ()
+    run.log_files(package_uri, [*PACKAGE_FILES, "train_report.json", *weights], cfg, artifact_path)
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
@@ -358,16 +387,21 @@ def validate(model: torch.nn.Module, dataset, preprocess: Preprocess, vocabs, de
     model.eval()
     truth: dict[str, list] = {t: [] for t in vocabs}
     predicted: dict[str, list] = {t: [] for t in vocabs}
+    loss_sum = 0.0
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
         logits = model(preprocess.to_tensor(batch["image"], device))
         for task in vocabs:
             truth[task].append(batch[label_column(task)])
             predicted[task].append(logits[task].argmax(1).cpu().numpy())
+            y = torch.as_tensor(batch[label_column(task)], device=device)
+            loss_sum += torch.nn.functional.cross_entropy(logits[task].float(), y, reduction="sum").item()
     tasks = {}
     for task, vocab in vocabs.items():
         y, p = np.concatenate(truth[task]), np.concatenate(predicted[task])
         tasks[task] = summarize(confusion_matrix(y, p, len(vocab)), vocab)
-    return {"n": int(sum(len(b) for b in truth[next(iter(vocabs))])), "tasks": tasks}
+    n = int(sum(len(b) for b in truth[next(iter(vocabs))]))
+    # plain cross-entropy (no class weights, no smoothing), summed over tasks, mean over images
+    return {"n": n, "tasks": tasks, "loss": loss_sum / max(n, 1)}
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -413,10 +447,17 @@ class TrainStep:
     grad_clip: float
     device_type: str
     precision: str  # bf16 | fp32: the dtype the forward runs in (train.precision resolved on this device)
+    correct: torch.Tensor | None = None  # top-1 hits on the batches' own labels since take_correct(), summed over tasks
+
+    def take_correct(self) -> int:
+        correct, self.correct = self.correct, None
+        return int(correct.item()) if correct is not None else 0
 
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor], lam: float, step: int) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x, branch_logits=True) if self.branch_loss else self.model(x)
+            hits = sum((logits[t].detach().argmax(1) == targets[t]).sum() for t in targets)
+            self.correct = hits if self.correct is None else self.correct + hits
             loss = sum(mixed_loss(self.losses[t], logits[t].float(), targets[t], lam) for t in targets)
             if self.branch_loss:  # each branch's own heads: the auxiliary loss that keeps both learning
                 loss = loss + self.branch_loss * sum(
@@ -549,6 +590,9 @@ def train_loop(config: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
+            # top-1 on the augmented (under mixup / CutMix, mixed) batches against each image's own label
+            "train_accuracy": step_fn.take_correct() / max(seen * len(vocabs), 1),
+            "val_loss": val["loss"],
             # the schedule's rate at the epoch's last step (set above per step; a worker's shard may be empty)
             "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, warmup_steps, cfg),
             "train_img_s": round(seen * world / elapsed, 2),
@@ -560,6 +604,8 @@ def train_loop(config: dict) -> None:
             metrics["first_step_s"] = first_step_s
         history.append(metrics)
         print(json.dumps(metrics))
+        if rank == 0:
+            tracking.log_epoch(config.get("tracking_run"), metrics)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 checkpoint = {

@@ -3,8 +3,11 @@
 The driver decodes the collection once (`train.prepare_inputs`) and hands the datasets to every trial. A trial is
 a function trainable that builds its `Config` from the sampled parameters and runs a `TorchTrainer`, whose
 per-epoch reports reach Tune through `TuneReportCallback` (the Ray Train V2 pattern); ASHA stops weak trials on
-validation macro-F1. Rerunning with the same `--out` restores the search (`Tuner.restore`): finished trials stay
-finished, interrupted ones continue from their last Ray Train checkpoint. Under `--out`:
+validation macro-F1. The trials' parameters come from Ray Tune's random sampling of the space (tune.search=random) or
+from Optuna's TPE (tune.search=optuna: `OptunaSearch` under a `ConcurrencyLimiter`), which proposes each trial from the
+results so far; both are seeded by tune.seed. Rerunning with the same `--out` restores the search (`Tuner.restore`,
+the searcher's state included): finished trials stay finished, interrupted ones continue from their last Ray Train
+checkpoint. Under `--out`:
 
     _tune/                   the Tune experiment
     _trials/<trial id>/      each trial's Ray Train run (checkpoints) and attempts.json
@@ -14,6 +17,7 @@ finished, interrupted ones continue from their last Ray Train checkpoint. Under 
     best/                    the best trial's model package
     macro_f1_by_param.png    val macro-F1 against each searched parameter
     tune_report.json         the run summary
+    mlflow_run.json          with tracking on: the search's MLflow run (each trial's run id is in _trials/<trial id>/)
 """
 
 from __future__ import annotations
@@ -38,15 +42,24 @@ import yaml
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.sample import Categorical, Domain
+from ray.tune.search.sample import Categorical, Domain, Float, LogUniform
 
 from artfuse.cluster.requests import check_trial
 from artfuse.cluster.runtime import ensure_ray
 from artfuse.cluster.trial_resources import RecordPlacementGroup, ReleasePlacementGroups, record_uri, release_all
 from artfuse.config import Config, ConfigError, to_dict, validate
 from artfuse.data import storage
-from artfuse.pipelines.train import TrainInputs, best_epoch, export_package, make_trainer, prepare_inputs
+from artfuse.pipelines.train import (
+    TrainInputs,
+    best_epoch,
+    export_package,
+    log_package,
+    make_trainer,
+    prepare_inputs,
+)
+from artfuse.reporting import tracking
 from artfuse.reporting.plots import plot_metric_by_param
 
 log = logging.getLogger(__name__)
@@ -96,6 +109,45 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def optuna_space(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The search space as Optuna's distributions, and the parameters it fixes (which Tune's param_space keeps).
+
+    A choice is a CategoricalDistribution (TPE models each option apart: the lists are options, not a scale), a
+    [low, high] *_range a FloatDistribution with log=True, the log-uniform range random search samples."""
+    try:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+    except ImportError:
+        raise ConfigError("tune.search=optuna needs Optuna: install artfuse's `tracking` extra") from None
+    distributions, fixed = {}, {}
+    for key, value in search_space(cfg).items():
+        if isinstance(value, Categorical):
+            distributions[key] = CategoricalDistribution(list(dict.fromkeys(value.categories)))
+        elif isinstance(value, Float) and isinstance(value.get_sampler(), LogUniform):
+            distributions[key] = FloatDistribution(value.lower, value.upper, log=True)
+        elif isinstance(value, Domain):
+            raise ConfigError(f"tune.search=optuna: no Optuna distribution for {key} ({type(value).__name__})")
+        else:
+            fixed[key] = value
+    return distributions, fixed
+
+
+def make_searcher(cfg: Config, concurrency: int) -> tuple[Searcher | BasicVariantGenerator, dict[str, Any]]:
+    """tune.search's search algorithm, at most `concurrency` trials at once, and the param_space Tune gets with it."""
+    t = cfg.tune
+    if t.search == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        distributions, fixed = optuna_space(cfg)
+        # TPE seeded by tune.seed: the same first trials for one seed. Tune ignores max_concurrent_trials next to a
+        # search algorithm; the limiter also keeps TPE from proposing many trials before any has a result.
+        sampler = TPESampler(n_startup_trials=t.startup_trials, seed=t.seed)
+        optuna = OptunaSearch(space=distributions, metric=METRIC, mode="max", sampler=sampler)
+        return ConcurrencyLimiter(optuna, max_concurrent=concurrency), fixed
+    # The generator itself limits concurrency: Tune ignores max_concurrent_trials next to a search_alg.
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed), search_space(cfg)
+
+
 def searched_params(cfg: Config) -> list[str]:
     """The config fields that vary between trials."""
     return [key for key, value in search_space(cfg).items() if isinstance(value, Domain)]
@@ -143,6 +195,8 @@ def check_space(cfg: Config) -> None:
         raise ConfigError(f"tune.grace_period must be between 1 and train.epochs ({cfg.train.epochs})")
     if cfg.tune.reduction_factor < 2 or cfg.tune.num_samples < 1 or cfg.tune.max_concurrent_trials < 1:
         raise ConfigError("tune.reduction_factor must be at least 2, tune.num_samples and max_concurrent_trials 1")
+    if cfg.tune.startup_trials < 1:
+        raise ConfigError(f"tune.startup_trials must be at least 1; got {cfg.tune.startup_trials}")
     if cfg.tune.cpus_per_trial <= 0:
         raise ConfigError(f"tune.cpus_per_trial must be positive; got {cfg.tune.cpus_per_trial}")
     if cfg.tune.gpus_per_trial not in (0, cfg.train.num_workers):
@@ -177,13 +231,24 @@ def fit_concurrency(requested: int, cluster: dict[str, float], cpus_per_trial: f
     return min(requested, fits)
 
 
-def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str) -> None:
-    """The function trainable: one Ray Train run, resumed from its own checkpoints when Tune restarts it."""
+def run_trial(
+    params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str, parent: tracking.RunRef | None = None
+) -> None:
+    """The function trainable: one Ray Train run, resumed from its own checkpoints when Tune restarts it. With
+    tracking on (`parent`: the search's MLflow run), an MLflow run nested under the search's, which the Train run's
+    rank-0 worker logs each epoch to; the driver ends it when the search is over."""
     cfg = trial_config(base, params)
     # Concurrent trials' Ray Data progress bars interleave into noise under Tune's own trial table.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = ray_tune.get_context().get_trial_id()
     record_attempt(storage.join(runs_uri, trial_id, "attempts.json"), cfg)
+    run = tracking.Run(parent).child(
+        cfg,
+        "trial",
+        trial_id,
+        record=storage.join(runs_uri, trial_id, tracking.RECORD),
+        tags={"artfuse.trial": trial_id},
+    )
     finished = finished_run_metrics(storage.join(runs_uri, trial_id), cfg)
     if finished:
         # Trained every epoch before the search was killed, but Tune never saw the end: report it from here. A
@@ -192,7 +257,7 @@ def run_trial(params: dict, *, inputs: TrainInputs, base: Config, runs_uri: str)
         ray_tune.report(finished)
         return
     callbacks = [TuneReportCallback(), RecordPlacementGroup(record_uri(runs_uri, trial_id), cfg.storage)]
-    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks).fit()
+    make_trainer(inputs, cfg, runs_uri, name=trial_id, callbacks=callbacks, tracking_run=run.ref).fit()
 
 
 def train_run(run_uri: str, cfg: Config) -> ray.train.Result | None:
@@ -240,48 +305,64 @@ def tune(data_uri: str, out_uri: str, cfg: Config) -> dict:
             )
     base = with_trial_resources(cfg, concurrency, fixed_cpus)
     inputs = prepare_inputs(data_uri, base)
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, inputs=inputs, base=base, runs_uri=runs_uri),
-        TRIAL_DRIVER_RESOURCES,
-    )
-    if resuming:
-        # Tune keeps the search's own settings (space, samples, concurrency, scheduler) from its first run.
-        log.info("resuming the search in %s", experiment_uri)
-        tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
-    searching = time.time()
-    grid = tuner.fit()
-    searched_s = time.time() - searching
+    tags = {"artfuse.fingerprint": inputs.collection.fingerprint, "artfuse.data": data_uri}
+    tags["artfuse.search"] = cfg.tune.search
+    record = storage.join(out_uri, tracking.RECORD)  # a resumed search logs on to the same run
+    with tracking.start(cfg, "tune", f"tune {out_uri}", record=record, tags=tags) as run:
+        trainable = ray_tune.with_resources(
+            ray_tune.with_parameters(run_trial, inputs=inputs, base=base, runs_uri=runs_uri, parent=run.ref),
+            TRIAL_DRIVER_RESOURCES,
+        )
+        if resuming:
+            # Tune keeps the search's own settings (space, samples, concurrency, scheduler) from its first run.
+            log.info("resuming the search in %s", experiment_uri)
+            tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
+        else:
+            tuner = new_tuner(trainable, base, concurrency, experiment_path, fs, runs_uri)
+        searching = time.time()
+        grid = tuner.fit()
+        searched_s = time.time() - searching
 
-    rows = trial_rows(grid, base, runs_uri)
-    release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
-    summary = write_outputs(rows, inputs, cfg, base, out_uri, runs_uri)
-    summary |= {
-        "resumed": resuming,
-        "duration_s": round(time.time() - started, 1),
-        "time_budget_s": cfg.tune.time_budget_s,
-        # Tune stopped whatever still ran: those trials count as stopped_early too.
-        "time_budget_reached": bool(cfg.tune.time_budget_s) and searched_s >= cfg.tune.time_budget_s,
-    }
-    storage.write_bytes(storage.join(out_uri, "tune_report.json"), json.dumps(summary, indent=1).encode(), cfg.storage)
+        rows = trial_rows(grid, base, runs_uri)
+        tracking.end_trials(run, rows, runs_uri, base)
+        release_all(runs_uri, [row["trial_id"] for row in rows], base.storage)
+        summary, package = write_outputs(rows, inputs, cfg, base, out_uri, runs_uri)
+        summary |= {
+            "resumed": resuming,
+            "duration_s": round(time.time() - started, 1),
+            "time_budget_s": cfg.tune.time_budget_s,
+            # Tune stopped whatever still ran: those trials count as stopped_early too.
+            "time_budget_reached": bool(cfg.tune.time_budget_s) and searched_s >= cfg.tune.time_budget_s,
+        }
+        report = json.dumps(summary, indent=1).encode()
+        storage.write_bytes(storage.join(out_uri, "tune_report.json"), report, cfg.storage)
+        log_search(run, summary, package, out_uri, cfg)
     return summary
+
+
+def log_search(run: tracking.Run, summary: dict, package: dict, out_uri: str, cfg: Config) -> None:
+    """The search's MLflow run: how its trials ended, the best trial and its figures, its package (test scores, small
+    files, under best/) and the search's own files."""
+    run.set_tags({"artfuse.best_trial": summary["best"]["trial_id"]})
+    run.log_metrics({key: summary[key] for key in ("trials", "completed", "stopped_early", "error", "not_run")})
+    log_package(run, package, storage.join(out_uri, "best"), cfg, artifact_path="best")
+    run.log_files(out_uri, ["results.csv", "best_config.yaml", "macro_f1_by_param.png", "tune_report.json"], cfg)
 
 
 def new_tuner(
     trainable: Any, cfg: Config, concurrency: int, experiment_path: str, fs: Any, runs_uri: str
 ) -> ray_tune.Tuner:
     t = cfg.tune
+    searcher, param_space = make_searcher(cfg, concurrency)
     return ray_tune.Tuner(
         trainable,
-        param_space=search_space(cfg),
+        param_space=param_space,
         tune_config=ray_tune.TuneConfig(
             metric=METRIC,
             mode="max",
             num_samples=t.num_samples,
             time_budget_s=t.time_budget_s or None,
-            # The generator itself limits concurrency: Tune ignores max_concurrent_trials next to a search_alg.
-            search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed),
+            search_alg=searcher,
             scheduler=ASHAScheduler(
                 time_attr="epoch",  # the epoch a trial reached, right even after a resume
                 max_t=cfg.train.epochs,
@@ -371,8 +452,9 @@ def trial_rows(grid: ray_tune.ResultGrid, base: Config, runs_uri: str) -> list[d
 
 def write_outputs(
     rows: list[dict], inputs: TrainInputs, cfg: Config, base: Config, out_uri: str, runs_uri: str
-) -> dict:
-    """Results table, plot, best config and best package. `cfg` is the user's config, `base` the trials' one."""
+) -> tuple[dict, dict]:
+    """Results table, plot, best config and best package. `cfg` is the user's config, `base` the trials' one.
+    Returns the summary and the best package's (export_package's)."""
     table = pa.Table.from_pylist(rows)
     for name, write in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
         buffer = io.BytesIO()
@@ -410,7 +492,7 @@ def write_outputs(
         "package": package["package"],
         "model_id": package["model_id"],
         "results": storage.join(out_uri, "results.parquet"),
-    }
+    }, package
 
 
 def _options(value: Any) -> list:

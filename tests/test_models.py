@@ -18,7 +18,9 @@ from artfuse.models.fusion import SINGLE_KERNEL
 from artfuse.models.package import MANIFEST, load_package
 
 TASKS = {"artist": 3, "style": 2}
-TINY = ModelConfig(arch="fusion", pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16)
+TINY = ModelConfig(
+    arch="fusion", pretrained="none", img_size=64, d_model=32, depth=1, num_heads=2, dropout=0.0, patch_size=16
+)
 VARIANTS = {
     "fusion-concat": replace(TINY, fusion="concat"),
     "fusion-gated": replace(TINY, fusion="gated"),

@@ -37,7 +37,9 @@ EPOCHS = 2
 # Tiny, but on the pretrained backbone (no slower at 64 px): after one epoch the trials differ, so ASHA has
 # something to rank (from scratch they all sit at chance, tie, and nothing is ever below the cutoff). No EMA: over
 # one epoch's three steps the average still sits near the initial weights, and the trials would tie again.
+FUSION = ["model.arch=fusion"]  # the space's model fields are the fusion model's (cnn_only searches training alone)
 TINY = [
+    *FUSION,
     "model.img_size=64",
     f"train.epochs={EPOCHS}",
     "train.ema_decay=0",
@@ -67,7 +69,7 @@ SEARCH_TIMEOUT_S = 420
 
 
 def test_default_space_searches_every_listed_parameter():
-    cfg = load_config()
+    cfg = load_config(None, FUSION)
     space = search_space(cfg)
     assert set(space) == set(searched_params(cfg))
     assert isinstance(space["model.fusion"], Categorical)
@@ -76,8 +78,17 @@ def test_default_space_searches_every_listed_parameter():
     check_space(cfg)
 
 
+def test_an_arch_is_searched_only_over_the_fields_it_uses():
+    cnn = search_space(load_config(None, ["model.arch=cnn_only"]))
+    assert not {"model.fusion", "model.depth", "model.d_model", "model.num_heads", "model.feature_stride"} & set(cnn)
+    assert {"model.dropout", "train.lr", "train.weight_decay"} <= set(cnn)
+    vit = search_space(load_config(None, ["model.arch=transformer_only"]))
+    assert {"model.depth", "model.d_model"} <= set(vit) and not {"model.fusion", "model.feature_stride"} & set(vit)
+
+
 def test_single_values_are_fixed_and_empty_lists_keep_the_base():
-    cfg = load_config(None, ["tune.depth=[3]", "tune.fusion=[]", "tune.lr_range=[0.002]", "model.fusion=gated"])
+    overrides = ["tune.depth=[3]", "tune.fusion=[]", "tune.lr_range=[0.002]", "model.fusion=gated"]
+    cfg = load_config(None, [*FUSION, *overrides])
     space = search_space(cfg)
     assert space["model.depth"] == 3 and space["train.lr"] == 0.002
     assert "model.fusion" not in space
@@ -87,7 +98,7 @@ def test_single_values_are_fixed_and_empty_lists_keep_the_base():
 
 
 def test_trial_config_picks_a_head_count_that_divides_d_model():
-    cfg = load_config(None, ["tune.d_model=[96,128]", "tune.num_heads=[3,4,8]"])
+    cfg = load_config(None, [*FUSION, "tune.d_model=[96,128]", "tune.num_heads=[3,4,8]"])
     assert trial_config(cfg, {"model.d_model": 128, "model.num_heads": 3}).model.num_heads == 4
     assert trial_config(cfg, {"model.d_model": 96, "model.num_heads": 8}).model.num_heads == 8
     assert trial_config(cfg, {"model.d_model": 96, "model.num_heads": 3}).model.num_heads == 3
@@ -108,7 +119,7 @@ def test_trial_config_picks_a_head_count_that_divides_d_model():
 )
 def test_a_bad_space_fails_before_any_trial(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        check_space(load_config(None, overrides))
+        check_space(load_config(None, [*FUSION, *overrides]))
 
 
 def test_trial_resources_and_concurrency_fit_the_cluster():

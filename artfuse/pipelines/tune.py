@@ -90,15 +90,25 @@ SEARCH_FIELDS = {
 }
 
 
+# The searched model fields an arch has no use for: cnn_only takes the backbone, the heads and dropout only, a ViT
+# has no CNN tokens and no fusion head. Searching them would spend trials on copies of one model.
+UNUSED_BY_ARCH = {
+    "fusion": set(),
+    "cnn_only": {"model.fusion", "model.depth", "model.d_model", "model.num_heads", "model.feature_stride"},
+    "transformer_only": {"model.fusion", "model.feature_stride"},
+}
+
+
 def search_space(cfg: Config) -> dict[str, Any]:
     """Tune's param_space: a choice per list with several values, log-uniform per [low, high] *_range.
 
-    One value fixes the parameter for every trial; an empty list leaves the base config's value.
+    One value fixes the parameter for every trial; an empty list leaves the base config's value, as does a model field
+    that model.arch has no use for.
     """
     space: dict[str, Any] = {}
     for name, key in SEARCH_FIELDS.items():
         values = list(getattr(cfg.tune, name))
-        if not values:
+        if not values or key in UNUSED_BY_ARCH[cfg.model.arch]:
             continue
         if name.endswith("_range"):
             if len(values) > 2 or min(values) <= 0 or values[0] > values[-1]:

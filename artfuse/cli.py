@@ -95,6 +95,25 @@ def cmd_label(args: argparse.Namespace) -> None:
     _print(report)
 
 
+def cmd_annotate(args: argparse.Namespace) -> None:
+    from artfuse.pipelines.annotate import annotate
+
+    _print(
+        annotate(
+            args.predictions,
+            args.out,
+            args.base_url,
+            load_config(args.config, args.set),
+            manifests=args.manifests,
+            corrections=args.corrections,
+            vocabulary=args.vocabulary,
+            rows=args.rows,
+            image_urls=args.image_url,
+            validate=args.validate,
+        )
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from artfuse.bench.label import bench, bench_memory, format_bench, format_memory
 
@@ -320,6 +339,53 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     _with_config(p)
 
 
+def _annotate_arguments(p: argparse.ArgumentParser) -> None:
+    from artfuse.data.iiif_annotations import DEFAULT_SELECTION, SELECTIONS
+
+    p.add_argument("--predictions", required=True, metavar="URI", help="the --out of `artfuse label`")
+    p.add_argument("--out", required=True, metavar="URI", help="folder to write the annotations into (local or s3://)")
+    p.add_argument(
+        "--base-url",
+        required=True,
+        metavar="URL",
+        help="the http(s) URL --out is published at: every id written starts with it",
+    )
+    p.add_argument(
+        "--manifests",
+        metavar="URI",
+        help="the IIIF manifest or collection the labels came from (label's --input): each Presentation 3 manifest "
+        "is copied under --out with its annotations inside its canvases, for Mirador and other viewers",
+    )
+    _corrections_option(p, "a corrections dataset (artfuse review): a curator's decision overrides the model's label")
+    p.add_argument(
+        "--vocabulary",
+        metavar="FILE",
+        help="labels to vocabulary URIs (Getty AAT, Wikidata): a CSV task,label,uri or a YAML {task: {label: uri}}",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=SELECTIONS,
+        default=list(DEFAULT_SELECTION),
+        help="which predictions become annotations: all, those accepted without review, those a curator decided "
+        f"(--corrections); several add up (default: {' '.join(DEFAULT_SELECTION)})",
+    )
+    p.add_argument(
+        "--image-url",
+        action="append",
+        default=[],
+        metavar="PREFIX=URL",
+        help="images under PREFIX (files, s3://) are published under URL, e.g. s3://archive/images/="
+        "https://images.museum.org/: their annotations target that URL (repeatable)",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="check every document against the IIIF Presentation 3 JSON Schema before writing it",
+    )
+    _with_config(p)
+
+
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE", help="write the figures as JSON (e.g. bench.json)")
     p.add_argument("--model", metavar="URI", help="model package (default: a fresh model of the configured arch)")
@@ -474,6 +540,12 @@ COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], Non
         "one self-contained HTML page on a labelling run: counts, errors, label shift, scores, review queue, "
         "duplicates",
         _report_arguments,
+    ),
+    (
+        "annotate",
+        cmd_annotate,
+        "predictions as IIIF annotations (one AnnotationPage per manifest) and manifests that show them in a viewer",
+        _annotate_arguments,
     ),
     (
         "bench",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,6 +229,15 @@ class BenchConfig:
 
 
 @dataclass
+class AnnotateConfig:
+    language: str = "en"  # BCP 47 tag of the labels' language (each TextualBody's `language`)
+    batch_rows: int = 65_536  # prediction rows read at a time
+    # IIIF rows held in memory at once, whole manifests together: a larger output is spread over more spill files
+    bucket_rows: int = 100_000
+    write_threads: int = 16  # documents written at once (S3 answers each PUT in tens of milliseconds)
+
+
+@dataclass
 class PauseConfig:
     """Fault tests only: the job blocks at a known point, where the test kills it (artfuse/pipelines/pause.py)."""
 
@@ -247,6 +257,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
 
 
@@ -380,6 +391,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
     if cfg.label.stall_timeout_s < 0:
         raise ConfigError(f"label.stall_timeout_s must be at least 0 (0: never stop); got {cfg.label.stall_timeout_s}")
+    an = cfg.annotate
+    if not re.fullmatch(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*", an.language):
+        raise ConfigError(f"annotate.language must be a BCP 47 language tag such as en or zh-Hans; got {an.language!r}")
+    if an.batch_rows < 1 or an.bucket_rows < 1 or an.write_threads < 1:
+        raise ConfigError("annotate.batch_rows, annotate.bucket_rows and annotate.write_threads must be at least 1")
     st = cfg.storage
     if st.http_timeout_s <= 0 or st.http_retries < 0 or st.http_backoff_s < 0 or st.http_max_per_server < 1:
         raise ConfigError(

@@ -164,10 +164,23 @@ def _read_json(uri: str, storage: StorageConfig | None) -> dict:
     return doc
 
 
+def manifests(uri: str, storage: StorageConfig | None = None) -> Iterator[dict]:
+    """Every manifest under the manifest or collection at `uri`, parsed, each once: a collection's members are
+    read a few at a time (a broken member is logged and skipped), so a collection of any size is walked in
+    bounded memory."""
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        yield from _manifests(_read_json(uri, storage), uri, storage, pool, seen={uri})
+
+
 def _canvases(doc: dict, source: str, storage, pool: ThreadPoolExecutor, seen: set[str]) -> Iterator[Canvas]:
+    for manifest in _manifests(doc, source, storage, pool, seen):
+        yield from _manifest_canvases(manifest)
+
+
+def _manifests(doc: dict, source: str, storage, pool: ThreadPoolExecutor, seen: set[str]) -> Iterator[dict]:
     kind = _type(doc)
     if kind == "Manifest":
-        yield from _manifest_canvases(doc)
+        yield doc
         return
     if kind != "Collection":
         raise ConfigError(
@@ -184,10 +197,13 @@ def _canvases(doc: dict, source: str, storage, pool: ThreadPoolExecutor, seen: s
         elif _id(member):
             referenced.append(_id(member))
     for member in embedded:
-        yield from _canvases(member, _id(member) or source, storage, pool, seen)
-    for ref, loaded in zip(referenced, pool.map(lambda r: _read_member(r, storage), referenced), strict=True):
-        if loaded is not None:
-            yield from _canvases(loaded, ref, storage, pool, seen)
+        yield from _manifests(member, _id(member) or source, storage, pool, seen)
+    step = 4 * LISTING_THREADS  # members read ahead of the one walked: enough to keep the threads busy
+    for start in range(0, len(referenced), step):
+        refs = referenced[start : start + step]
+        for ref, loaded in zip(refs, pool.map(lambda r: _read_member(r, storage), refs), strict=True):
+            if loaded is not None:
+                yield from _manifests(loaded, ref, storage, pool, seen)
 
 
 def _read_member(uri: str, storage: StorageConfig | None) -> dict | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import posixpath
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -365,6 +366,23 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     partial = f"{path}.{uuid.uuid4().hex}.partial"
     try:
         fs.pipe_file(partial, data)
+        os.replace(partial, path)
+    finally:
+        if fs.exists(partial):
+            fs.rm_file(partial)
+
+
+def write_file(uri: str, local_path: str, storage: StorageConfig | None = None) -> None:
+    """Copy the local file `local_path` to `uri` as `write_bytes` writes bytes, without reading it into memory
+    (S3: s3fs's multipart upload)."""
+    fs, path = resolve(uri, storage)
+    if uri.startswith(S3_PREFIX):
+        patiently(lambda: fs.put_file(local_path, path), uri, storage)
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        shutil.copyfile(local_path, partial)
         os.replace(partial, path)
     finally:
         if fs.exists(partial):

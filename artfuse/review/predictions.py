@@ -26,11 +26,9 @@ def prediction_tasks(schema: pa.Schema) -> list[str]:
     ]
 
 
-def load_latest(
-    uri: str, storage_config: StorageConfig | None = None, *, embeddings: Literal["no", "if_any", "required"] = "no"
-) -> pa.Table:
-    """One row per object (uri): its latest prediction (by labelled_at), sorted by uri, with the `embedding` column
-    when asked for (`required`: an error where the predictions have none)."""
+def open_predictions(uri: str, storage_config: StorageConfig | None = None) -> tuple[pads.Dataset, list[str]]:
+    """The predictions under a label job's `--out` as one Arrow dataset (hive partitions; `_reports`, the lock and
+    set-aside files left out), and the tasks it holds; a clear error where there are none."""
     fs, root = storage.arrow_filesystem(uri, storage_config)
     try:
         dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive", ignore_prefixes=["_", "."])
@@ -39,6 +37,15 @@ def load_latest(
     tasks = prediction_tasks(dataset.schema)
     if not tasks:
         raise ConfigError(f"{uri} holds no predictions (no <task>, <task>_score, <task>_topk columns)")
+    return dataset, tasks
+
+
+def load_latest(
+    uri: str, storage_config: StorageConfig | None = None, *, embeddings: Literal["no", "if_any", "required"] = "no"
+) -> pa.Table:
+    """One row per object (uri): its latest prediction (by labelled_at), sorted by uri, with the `embedding` column
+    when asked for (`required`: an error where the predictions have none)."""
+    dataset, tasks = open_predictions(uri, storage_config)
     columns = [*ROW_COLUMNS, *(c for t in tasks for c in (t, f"{t}_score", f"{t}{TOPK_SUFFIX}"))]
     if embeddings == "required" or (embeddings == "if_any" and "embedding" in dataset.schema.names):
         if "embedding" not in dataset.schema.names:

@@ -23,21 +23,28 @@ import ray
 log = logging.getLogger(__name__)
 
 END_STATES = ("success", "finished_with_errors", "failed")
+# key -> (kind, name, description, tag keys)
+METRICS = {
+    "rows": ("counter", "artfuse_label_rows_written", "Rows the label run wrote", ("output",)),
+    "errors": ("counter", "artfuse_label_error_rows", "Rows the label run wrote with an error", ("output",)),
+    "review": ("counter", "artfuse_label_review_rows", "Rows the label run flagged needs_review", ("output",)),
+    "passes": ("counter", "artfuse_label_passes", "Passes the label run started", ("output",)),
+    "img_s": ("gauge", "artfuse_label_images_per_second", "Inputs labelled per second of labelling", ("output",)),
+    "runs": ("counter", "artfuse_label_runs", "Label runs ended, by end state", ("output", "end_state")),
+}
+
+
+def prometheus_names() -> set[str]:
+    """The names Prometheus sees: Ray's `ray_` prefix, and `_total` after a counter's."""
+    return {f"ray_{name}{'_total' if kind == 'counter' else ''}" for kind, name, _, _ in METRICS.values()}
 
 
 @functools.cache
 def _metrics() -> dict:
     from ray.util.metrics import Counter, Gauge
 
-    output = ("output",)
-    return {
-        "rows": Counter("artfuse_label_rows_written", "Rows the label run wrote", output),
-        "errors": Counter("artfuse_label_error_rows", "Rows the label run wrote with an error", output),
-        "review": Counter("artfuse_label_review_rows", "Rows the label run flagged needs_review", output),
-        "passes": Counter("artfuse_label_passes", "Passes the label run started", output),
-        "img_s": Gauge("artfuse_label_images_per_second", "Inputs labelled per second of labelling", output),
-        "runs": Counter("artfuse_label_runs", "Label runs ended, by end state", ("output", "end_state")),
-    }
+    kinds = {"counter": Counter, "gauge": Gauge}
+    return {key: kinds[kind](name, description, tags) for key, (kind, name, description, tags) in METRICS.items()}
 
 
 class LabelCounters:

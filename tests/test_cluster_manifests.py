@@ -206,3 +206,52 @@ def test_readme_manifests_use_the_images_the_dockerfile_builds(readme):
     for path in sed_files.split():
         for image in _images(list(yaml.safe_load_all((REPO / path).read_text()))):
             assert image.startswith("artfuse-ray:"), (path, image)
+
+
+# What the manifests may set in a RayJob spec (and a RayCronJob's jobTemplate), as KubeRay's CRD (ray.io_rayjobs.yaml)
+# defines it at the release the README's helm install pins, and the release that first has each field we rely on.
+RAYJOB_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint", "entrypointNumCpus",
+    "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata", "preRunningDeadlineSeconds",
+    "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
+    "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+}  # fmt: skip
+RAYCRONJOB_FIELDS = {"jobTemplate", "schedule", "suspend"}
+SINCE = {"RayCronJob": "1.6.0", "backoffLimit": "1.2.0", "activeDeadlineSeconds": "1.1.0"}
+INT32 = 2**31 - 1
+
+
+def _pinned_kuberay(readme: str) -> Version:
+    return Version(re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\S+)", readme)[1])
+
+
+def test_job_manifests_use_only_fields_of_the_pinned_kuberay(readme):
+    pinned = _pinned_kuberay(readme)
+    assert pinned >= Version(SINCE["RayCronJob"]), "RayCronJob needs KubeRay 1.6.0"
+    for cron in _kind("RayCronJob"):
+        assert set(cron["spec"]) <= RAYCRONJOB_FIELDS and {"jobTemplate", "schedule"} <= set(cron["spec"])
+    for spec in _job_specs():
+        assert set(spec) <= RAYJOB_FIELDS, set(spec) - RAYJOB_FIELDS
+        for field, release in SINCE.items():
+            assert field not in spec or pinned >= Version(release), (field, release)
+
+
+def test_every_job_retries_a_failed_attempt_and_bounds_each_attempt():
+    specs = _job_specs()
+    assert len(specs) >= 4
+    for spec in specs:
+        retries, deadline = spec["backoffLimit"], spec["activeDeadlineSeconds"]
+        assert type(retries) is int and 1 <= retries <= 5, spec["entrypoint"]
+        assert type(deadline) is int and 3600 <= deadline <= INT32, spec["entrypoint"]  # CRD: a positive int32
+    (cron,) = _kind("RayCronJob")
+    assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600, "one night must end before the next"
+
+
+def test_readme_says_which_kuberay_release_each_retry_field_needs_and_what_a_failed_night_does(readme):
+    assert re.search(r"`backoffLimit`[^\n]*v1\.2\.0", readme) and re.search(r"RayCronJob[^\n]*v1\.6\.0", readme)
+    assert "feature gate" in readme and "`activeDeadlineSeconds`" in readme
+    failed = readme.split("### When a night fails", 1)[1].split("\n## ", 1)[0]
+    steps = re.findall(r"^\d+\. ", failed, flags=re.M)
+    assert len(steps) >= 4, "step by step"
+    for fact in ("label.max_attempts", "backoffLimit", "ArtfuseLabelNightFailed", "_reports/", "break_lock"):
+        assert fact in failed, fact

@@ -337,7 +337,7 @@ def test_a_package_from_before_freeze_stride_and_branch_loss_loads_as_it_was_tra
     weights = tmp_path / "backbone.safetensors"
     save_file(create_model(replace(TINY, arch="cnn_only"), TASKS).backbone.state_dict(), str(weights))
     old = ["model.img_size=64", "model.d_model=32", "model.depth=1", "model.freeze_stride=0", "model.branch_loss=0"]
-    cfg = load_config(None, old)
+    cfg = load_config(None, ["model.arch=fusion", *old])
     cfg.model.pretrained = str(weights)
     uri = save_untrained_package(str(tmp_path / "old"), cfg, TASKS)
     manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())

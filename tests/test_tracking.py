@@ -106,14 +106,14 @@ def test_optuna_search_is_seeded_resumable_and_searches_the_same_space(tmp_path)
     from artfuse.pipelines.tune import make_searcher, optuna_space, search_space, searched_params
 
     def first_trials(seed: int) -> list[dict]:
-        cfg = load_config(None, ["tune.search=optuna", f"tune.seed={seed}", "tune.depth=[2]"])
+        cfg = load_config(None, ["model.arch=fusion", "tune.search=optuna", f"tune.seed={seed}", "tune.depth=[2]"])
         searcher, param_space = make_searcher(cfg, concurrency=4)
         assert param_space == {"model.depth": 2}  # fixed values stay in Tune's param_space
         return [searcher.suggest(f"trial-{i}") for i in range(4)]
 
     assert first_trials(0) == first_trials(0)
     assert first_trials(0) != first_trials(1)
-    cfg = load_config(None, ["tune.search=optuna"])
+    cfg = load_config(None, ["model.arch=fusion", "tune.search=optuna"])
     distributions, fixed = optuna_space(cfg)
     assert sorted(distributions) == sorted(searched_params(cfg)) and not fixed
     assert distributions["train.lr"] == FloatDistribution(*cfg.tune.lr_range, log=True)

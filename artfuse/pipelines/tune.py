@@ -207,6 +207,8 @@ def check_space(cfg: Config) -> None:
         raise ConfigError("tune.reduction_factor must be at least 2, tune.num_samples and max_concurrent_trials 1")
     if cfg.tune.startup_trials < 1:
         raise ConfigError(f"tune.startup_trials must be at least 1; got {cfg.tune.startup_trials}")
+    if cfg.tune.search == "optuna":
+        optuna_space(cfg)  # Optuna installed, and every parameter has a distribution: before anything is decoded
     if cfg.tune.cpus_per_trial <= 0:
         raise ConfigError(f"tune.cpus_per_trial must be positive; got {cfg.tune.cpus_per_trial}")
     if cfg.tune.gpus_per_trial not in (0, cfg.train.num_workers):

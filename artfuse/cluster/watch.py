@@ -116,7 +116,7 @@ def run_watched(
     nodes = alive_node_ids()
     here = (job, ray.get_runtime_context().get_node_id())
     runner = (
-        _IDLE.pop(here, None)
+        _idle_runner(here)
         or PassRunner.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here[1], soft=False)).remote()
     )
     outcome = Outcome(ended="stalled", nodes=len(nodes))
@@ -194,6 +194,18 @@ def _watch(runner, fn, args, kwargs, limits: Limits, on_progress, outcome: Outco
         if limits.stall_timeout_s and idle >= limits.stall_timeout_s:
             outcome.cause = f"nothing moved for {idle:.0f} s ({describe_pass(job, known, known_actors)})"
             return
+
+
+def _idle_runner(here: tuple[str, str]):
+    """The idle runner kept for this job and node, if there is one and it still answers."""
+    runner = _IDLE.pop(here, None)
+    if runner is None:
+        return None
+    try:
+        ray.get(runner.progress.remote(), timeout=10)
+        return runner
+    except ray.exceptions.RayError:
+        return None
 
 
 def _finished(done_ref, outcome: Outcome) -> None:

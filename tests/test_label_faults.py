@@ -22,6 +22,7 @@ from artfuse.config import load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
+from artfuse.pipelines.evaluate import EvaluationStalled, evaluate
 from artfuse.pipelines.label import LabelStalled, label, read_output
 from artfuse.pipelines.label_output import OutputLocked
 from artfuse.pipelines.pause import PAUSED, RELEASE
@@ -134,6 +135,23 @@ def test_a_run_that_moves_nothing_stops_after_its_passes_then_a_rerun_ends_compl
     assert (report["skipped"] + report["labelled"], report["errors"]) == (report["listed"], 0)
     assert report["end_state"] == "success"
     assert_one_row_per_input(out, collection)
+
+
+def test_an_evaluation_that_moves_nothing_stops_with_a_clear_message(tmp_path, ray_local):
+    """`evaluate` under the same watch: a model actor that never returns its batch stops the evaluation after
+    label.stall_timeout_s with one message naming the setting, instead of sitting for ever."""
+    collection, model = tmp_path / "collection", tmp_path / "model"
+    generate_samples(str(collection), n=24, size_range=SMALL)
+    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
+    pause = tmp_path / "pause"
+    stuck = ["pause.point=batch", "pause.after=1", f"pause.dir={pause}", "label.stall_timeout_s=5"]
+    try:
+        with pytest.raises(EvaluationStalled, match=r"^evaluation moved nothing for 5 s \(label\.stall_timeout_s\)"):
+            evaluate(
+                str(model), str(collection), load_config(None, [*TINY, *SMALL_STEPS, *stuck, "label.max_attempts=1"])
+            )
+    finally:
+        (pause / RELEASE).touch()
 
 
 def test_node_removed_mid_job_still_writes_every_row(tmp_path):

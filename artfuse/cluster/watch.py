@@ -46,6 +46,9 @@ LOST = (
 STATE_LIMIT = 10_000  # rows one state API call returns (its own maximum)
 STOP_TIMEOUT_S = 60.0  # how long a stopped pass's tasks may take to end before the run gives up on a next pass
 LOG_EVERY_S = 30.0
+# A runner whose pass completed, per (job, node): the process's next pass uses it instead of starting one (a runner's
+# start, mostly importing torch with the label pipeline, takes seconds).
+_IDLE: dict[tuple[str, str], Any] = {}
 
 
 class WaitedTooLong(RuntimeError):
@@ -86,6 +89,7 @@ class PassRunner:
         self.rows = 0
 
     def run(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        self.rows = 0
         return fn(*args, progress=ray.get_runtime_context().current_actor, **kwargs)
 
     def tick(self, rows: int) -> None:
@@ -110,19 +114,24 @@ def run_watched(
     known = _known_tasks(job)
     known_actors = _live_actors(job)
     nodes = alive_node_ids()
-    runner = PassRunner.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ).remote()
+    here = (job, ray.get_runtime_context().get_node_id())
+    runner = (
+        _idle_runner(here)
+        or PassRunner.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here[1], soft=False)).remote()
+    )
     outcome = Outcome(ended="stalled", nodes=len(nodes))
     try:
         _watch(runner, fn, args, kwargs, limits, on_progress, outcome, job, known, known_actors)
     except BaseException:
         stop(runner, job, known, confirm=False)  # the run fails: no further pass to protect
         raise
-    try:
-        stop(runner, job, known, confirm=outcome.ended != "complete")
-    except StateUnavailable as e:
-        outcome.stop_unconfirmed = str(e)
+    if outcome.ended == "complete":
+        _IDLE[here] = runner  # nothing of its pass is left: the process's next pass may use it
+    else:
+        try:
+            stop(runner, job, known)
+        except StateUnavailable as e:
+            outcome.stop_unconfirmed = str(e)
     outcome.nodes_lost = len(nodes - alive_node_ids())
     return outcome
 
@@ -185,6 +194,18 @@ def _watch(runner, fn, args, kwargs, limits: Limits, on_progress, outcome: Outco
         if limits.stall_timeout_s and idle >= limits.stall_timeout_s:
             outcome.cause = f"nothing moved for {idle:.0f} s ({describe_pass(job, known, known_actors)})"
             return
+
+
+def _idle_runner(here: tuple[str, str]):
+    """The idle runner kept for this job and node, if there is one and it still answers."""
+    runner = _IDLE.pop(here, None)
+    if runner is None:
+        return None
+    try:
+        ray.get(runner.progress.remote(), timeout=10)
+        return runner
+    except ray.exceptions.RayError:
+        return None
 
 
 def _finished(done_ref, outcome: Outcome) -> None:

@@ -1,6 +1,5 @@
 """`artfuse <command>`: a thin layer over the job functions. Exit 0 on success, 2 on a usage or config error
-(one line), 1 when a job fails; `label` exits 3 when it labelled every input but more than label.max_error_fraction
-of its rows are errors."""
+(one line), 1 when a job fails."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from artfuse.cluster import JOBS
 from artfuse.config import CHOICES, Config, ConfigError, load_config
 
 log = logging.getLogger("artfuse")
-FINISHED_WITH_ERRORS = 3  # label: every input has a row, but too many are errors (label.max_error_fraction)
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,7 +81,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(to_markdown(summary))
 
 
-def cmd_label(args: argparse.Namespace) -> int:
+def cmd_label(args: argparse.Namespace) -> None:
     from artfuse.pipelines.label import label
 
     cfg = _config(args)
@@ -95,13 +93,6 @@ def cmd_label(args: argparse.Namespace) -> int:
         page = storage.join(args.out, "_reports", f"{report['run_id']}.html")
         report["report_page"] = write_report(args.out, page, cfg, run_id=report["run_id"])["page"]
     _print(report)
-    if report["end_state"] == "finished_with_errors":
-        sys.stderr.write(
-            f"artfuse label: finished with errors: {report['errors']} of {report['labelled'] + report['errors']} rows "
-            f"are errors, more than label.max_error_fraction={cfg.label.max_error_fraction:g}\n"
-        )
-        return FINISHED_WITH_ERRORS
-    return 0
 
 
 def cmd_annotate(args: argparse.Namespace) -> None:

@@ -164,15 +164,6 @@ class LabelConfig:
     # A run whose pipeline moves nothing for this long is stopped, naming why, instead of waiting for ever (a node
     # lost mid-run can leave the model actors holding every CPU the decode tasks need); 0 = never stop.
     stall_timeout_s: float = 900.0
-    # Passes one run makes: a pass that stalls (above) or loses model actors is stopped, and a new one, fitted to the
-    # nodes left, labels what is still missing, as a rerun would. When the last stalls, the run fails (LabelStalled).
-    max_attempts: int = 3
-    # The longest a pass waits, without progress, for nodes an autoscaling cluster is bringing up and for model actors
-    # to start (time that never counts towards stall_timeout_s) before the run fails naming the wait; 0 = no limit.
-    wait_timeout_s: float = 3600.0
-    # A run that labels every input but with more than this share of error rows ends with exit status 3 ("finished
-    # with errors") instead of 0; 1 = never.
-    max_error_fraction: float = 0.1
 
 
 @dataclass
@@ -400,12 +391,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"label.decode_niceness must be between 0 and 19; got {cfg.label.decode_niceness}")
     if cfg.label.stall_timeout_s < 0:
         raise ConfigError(f"label.stall_timeout_s must be at least 0 (0: never stop); got {cfg.label.stall_timeout_s}")
-    if cfg.label.max_attempts < 1:
-        raise ConfigError(f"label.max_attempts must be at least 1; got {cfg.label.max_attempts}")
-    if cfg.label.wait_timeout_s < 0:
-        raise ConfigError(f"label.wait_timeout_s must be at least 0 (0: no limit); got {cfg.label.wait_timeout_s}")
-    if not 0.0 <= cfg.label.max_error_fraction <= 1.0:
-        raise ConfigError(f"label.max_error_fraction must be between 0 and 1; got {cfg.label.max_error_fraction}")
     an = cfg.annotate
     if not re.fullmatch(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*", an.language):
         raise ConfigError(f"annotate.language must be a BCP 47 language tag such as en or zh-Hans; got {an.language!r}")

@@ -226,9 +226,6 @@ def test_every_input_gets_one_row_and_reruns_label_only_new_objects(package, tmp
     listed = list_inputs(str(collection))
     assert first["listed"] == listed.num_rows == 28  # 24 samples + 4 salted inputs, not .DS_Store/README.txt
     assert first["labelled"] + first["errors"] == first["listed"] and first["errors"] == len(BAD)
-    # 3 error rows of 28, above label.max_error_fraction's 0.1: labelled, one pass, but `artfuse label` exits 3
-    assert (first["end_state"], first["error_fraction"]) == ("finished_with_errors", round(len(BAD) / 28, 4))
-    assert [p["ended"] for p in first["passes"]] == ["complete"] and first["passes"][0]["rows_through_model"] == 28
     rows = outputs(out)
     assert sorted(rows["uri"].to_pylist()) == sorted(listed["uri"].to_pylist())
     for field in prediction_schema({"label": [str(i) for i in range(6)]}, None):

@@ -22,7 +22,6 @@ from artfuse.config import load_config
 from artfuse.data import storage
 from artfuse.data.catalog import list_inputs
 from artfuse.data.samples import generate_samples
-from artfuse.pipelines.evaluate import EvaluationStalled, evaluate
 from artfuse.pipelines.label import LabelStalled, label, read_output
 from artfuse.pipelines.label_output import OutputLocked
 from artfuse.pipelines.pause import PAUSED, RELEASE
@@ -112,61 +111,40 @@ def test_driver_killed_mid_run_then_rerun_ends_complete(tmp_path, ray_local):
     assert_one_row_per_input(out, collection)
 
 
-def test_a_run_that_moves_nothing_stops_after_its_passes_then_a_rerun_ends_complete(tmp_path, ray_local):
-    """A model actor that never returns its batch: each pass is stopped after label.stall_timeout_s (its actor's start
-    not counted) and a new one starts; once label.max_attempts passes have stalled, the run fails with LabelStalled
-    naming the setting, and its report lists each pass. A rerun labels every input once."""
+def test_a_run_that_moves_nothing_stops_then_a_rerun_ends_complete(tmp_path, ray_local):
+    """A model actor that never returns its batch: the run stops after label.stall_timeout_s, naming the setting,
+    instead of waiting for ever; a rerun labels every input once."""
     collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
     generate_samples(str(collection), n=32, size_range=SMALL)
     save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
     pause = tmp_path / "pause"
+    pause.mkdir()  # the stall may come before the actor's first batch (decode done, the actor still starting)
     stuck = ["pause.point=batch", "pause.after=1", f"pause.dir={pause}", "label.stall_timeout_s=5"]
-    stuck.append("label.max_attempts=2")
     try:
-        with pytest.raises(LabelStalled, match=r"moved nothing for 5 s \(label\.stall_timeout_s\).* 2 passes"):
+        with pytest.raises(LabelStalled, match=r"moved nothing for 5 s \(label\.stall_timeout_s\)"):
             label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS, *stuck]))
     finally:
-        (pause / RELEASE).touch()  # an actor still alive goes on and gives its CPU back
-    (failed,) = [json.loads(path.read_text()) for path in (out / "_reports").glob("*.json")]
-    assert failed["end_state"] == "failed" and failed["error"].startswith("LabelStalled: ")
-    assert [p["ended"] for p in failed["passes"]] == ["stalled", "stalled"] and failed["labelled"] == 0
-    assert all(p["seconds"] >= 5 and p["inputs"] == 32 for p in failed["passes"])
+        (pause / RELEASE).touch()  # the actor, if still alive, goes on and gives its CPU back
     report = label(str(model), str(collection), str(out), load_config(None, [*TINY, *SMALL_STEPS]))
     assert (report["skipped"] + report["labelled"], report["errors"]) == (report["listed"], 0)
-    assert report["end_state"] == "success"
     assert_one_row_per_input(out, collection)
-
-
-def test_an_evaluation_that_moves_nothing_stops_with_a_clear_message(tmp_path, ray_local):
-    """`evaluate` under the same watch: a model actor that never returns its batch stops the evaluation after
-    label.stall_timeout_s with one message naming the setting, instead of sitting for ever."""
-    collection, model = tmp_path / "collection", tmp_path / "model"
-    generate_samples(str(collection), n=24, size_range=SMALL)
-    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
-    pause = tmp_path / "pause"
-    stuck = ["pause.point=batch", "pause.after=1", f"pause.dir={pause}", "label.stall_timeout_s=5"]
-    try:
-        with pytest.raises(EvaluationStalled, match=r"^evaluation moved nothing for 5 s \(label\.stall_timeout_s\)"):
-            evaluate(
-                str(model), str(collection), load_config(None, [*TINY, *SMALL_STEPS, *stuck, "label.max_attempts=1"])
-            )
-    finally:
-        (pause / RELEASE).touch()
 
 
 def test_node_removed_mid_job_still_writes_every_row(tmp_path):
     """On a two-node ray.cluster_utils.Cluster (its own Ray, in a subprocess): the worker node goes mid-job, with
     decode tasks still to come. The two model actors fit on the head alone but leave no decode task room there. The
-    run ends complete in one command: either its pool shrank, or, where the actors wait on the head for blocks lost
-    with the node, the pass stops after label.stall_timeout_s and a new pass, fitted to the head alone, labels the
-    rest. One row per input, none twice."""
+    run either ends complete (the pool shrank), or, where the actors wait on the head for blocks lost with the node,
+    stops after label.stall_timeout_s naming the lost node, never hangs; a rerun then labels the rest. One row per
+    input either way."""
     collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
     generate_samples(str(collection), n=96, size_range=SMALL)
     save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
     script = "import sys, test_label_faults as t; t.label_losing_a_node(*sys.argv[1:])"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-c", script, str(model), str(collection), str(out), str(tmp_path / "batches")],
-        env=own_ray_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -174,28 +152,19 @@ def test_node_removed_mid_job_still_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     (tmp_path / "result.json").write_text(json.dumps(result, indent=1))  # which way it went, for a look afterwards
-    passes = result.get("report", {}).get("passes", [])
-    print(f"node loss: {[(p['ended'], p['seconds']) for p in passes]}, {result['after_removal_s']} s after removal")
     assert 0 < result["batches_before_removal"] < 96 // 8, "the node went mid-job"
-    assert "failed" not in result, result["failed"]
-    report = result["report"]
-    assert report["end_state"] == "success" and (report["skipped"] + report["labelled"], report["errors"]) == (96, 0)
-    assert passes[-1]["ended"] == "complete" and all(p["ended"] in ("stalled", "lost") for p in passes[:-1])
-    if len(passes) > 1:
-        assert passes[0]["nodes"] == 2 and passes[0]["nodes_lost"] == 1 and passes[-1]["nodes"] == 1
+    if "failed" in result:
+        assert result["failed"].startswith("LabelStalled: "), result["failed"]
+        assert "1 of the 2 nodes it started on left the cluster" in result["failed"]
+    report = result.get("rerun") or result["report"]
+    assert (report["skipped"] + report["labelled"], report["errors"]) == (96, 0)
     assert_one_row_per_input(out, collection)
-
-
-def own_ray_env() -> dict[str, str]:
-    """A subprocess's environment for a Ray of its own (not the tests' one), importing this test module."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    return env
 
 
 def label_losing_a_node(model: str, collection: str, out: str, batches: str) -> None:
     """Run in a subprocess: label on a head + worker node (1 CPU each), remove the worker once the model actors have
-    labelled two batches (counted by the pause point, which never blocks here).
+    labelled two batches (counted by the pause point, which never blocks here); where the run stops without progress,
+    rerun it on the head alone.
 
     Not when the first file appears: Ray Data may write files only once the actors are done, and the node would go
     after the labelling."""
@@ -209,8 +178,8 @@ def label_losing_a_node(model: str, collection: str, out: str, batches: str) -> 
     # half a CPU per stage, so that decode tasks and the two model actors can run on both nodes
     settings = ["label.cpus_per_actor=0.5", "label.decode_cpus=0.5", "label.min_actors=2", "label.max_actors=2"]
     counting = ["pause.point=batch", f"pause.after={10**6}", f"pause.dir={batches}"]
-    # Far shorter than a real cluster's stall allowance: a pass whose actors wait for lost blocks then costs the test
-    # 15 s of waiting.
+    # Far shorter than a real cluster's stall allowance: either way is accepted, and the stalled way (most runs on a
+    # 2-core machine) then costs the test 15 s of waiting instead of 40 (93 -> 66 s).
     stall = ["label.stall_timeout_s=15"]
     cfg = load_config(None, [*TINY, *SMALL_STEPS, *settings, *counting, *stall])
     result: dict = {}
@@ -221,171 +190,20 @@ def label_losing_a_node(model: str, collection: str, out: str, batches: str) -> 
         except Exception as e:  # noqa: BLE001 - reported to the test
             result["failed"] = f"{type(e).__name__}: {e}"
 
-    started = time.time()
     job = threading.Thread(target=run)
     job.start()
     while len(list(Path(batches).glob("batch.*"))) < 2 and job.is_alive():
         time.sleep(0.05)
     result["batches_before_removal"] = len(list(Path(batches).glob("batch.*")))
-    removed = time.time()
+    started = time.time()
     cluster.remove_node(worker)
     job.join()
-    result["after_removal_s"] = round(time.time() - removed, 1)
-    result["total_s"] = round(time.time() - started, 1)
+    result["after_removal_s"] = round(time.time() - started, 1)
+    if "failed" in result:
+        result["rerun"] = label(model, collection, out, cfg)
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps(result, default=str))
-
-
-def test_a_node_that_joins_after_the_stall_timeout_is_waited_for(tmp_path):
-    """On a cluster that may grow (cluster.autoscaling=true) the model actor fits no node until one joins: the test
-    adds it 20 s in, four times label.stall_timeout_s (5 s). Waiting for a node is not a stall: one pass labels every
-    input. The same request where no node can ever hold it (autoscaling off) ends at once with a ConfigError (exit
-    2). On a ray.cluster_utils.Cluster of its own, in a subprocess."""
-    collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
-    generate_samples(str(collection), n=32, size_range=SMALL)
-    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
-    script = "import sys, test_label_faults as t; t.label_with_a_late_node(*sys.argv[1:])"
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(model), str(collection), str(out)],
-        env=own_ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    (tmp_path / "result.json").write_text(json.dumps(result, indent=1))
-    assert "label.cpus_per_actor=1.5" in result["fixed"] and "cannot hold" in result["fixed"]
-    assert "failed" not in result, result["failed"]
-    (only,) = result["report"]["passes"]
-    assert only["ended"] == "complete" and only["waited_s"] > 2 * 5, only  # waited well past the stall timeout
-    assert result["report"]["end_state"] == "success" and result["report"]["labelled"] == 32
-    assert_one_row_per_input(out, collection)
-
-
-def label_with_a_late_node(model: str, collection: str, out: str) -> None:
-    """Run in a subprocess: a head of 1 CPU (decode tasks of half a CPU) and model actors of 1.5 CPUs, which only the
-    node added 20 s into the run holds."""
-    from ray.cluster_utils import Cluster
-
-    from artfuse.config import ConfigError
-
-    small_store = 100 * 2**20
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": small_store})
-    ray.init(address=cluster.address, logging_level="WARNING")
-    settings = [*TINY, *SMALL_STEPS, "label.cpus_per_actor=1.5", "label.decode_cpus=0.5", "label.stall_timeout_s=5"]
-    result: dict = {}
-    try:
-        label(model, collection, out, load_config(None, [*settings, "cluster.autoscaling=false"]))
-    except ConfigError as e:
-        result["fixed"] = str(e)
-    cfg = load_config(None, [*settings, "cluster.autoscaling=true"])
-
-    def run() -> None:
-        try:
-            result["report"] = label(model, collection, out, cfg)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            result["failed"] = f"{type(e).__name__}: {e}"
-
-    job = threading.Thread(target=run)
-    job.start()
-    time.sleep(20)
-    cluster.add_node(num_cpus=2, object_store_memory=small_store)
-    job.join()
-    ray.shutdown()
-    cluster.shutdown()
-    print(json.dumps(result, default=str))
-
-
-def test_the_label_counters_reach_the_nodes_metrics_endpoint(tmp_path):
-    """The run's counters, read where Prometheus reads them: a head node started with a fixed metrics port (what
-    `ray start --head --metrics-export-port=N` sets), scraped while the run is held at a batch and after it ended."""
-    collection, out, model = tmp_path / "archive", tmp_path / "predictions", tmp_path / "model"
-    generate_samples(str(collection), n=32, size_range=SMALL)
-    (collection / "broken.jpg").write_bytes(b"not an image at all")  # one error row
-    save_untrained_package(str(model), load_config(None, TINY), {"label": 6})
-    script = "import sys, test_label_faults as t; t.label_and_scrape(*sys.argv[1:])"
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(model), str(collection), str(out), str(tmp_path / "pause")],
-        env=own_ray_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    (tmp_path / "result.json").write_text(json.dumps(result, indent=1))
-    during, after, report = result["during"], result["after"], result["report"]
-    assert during["ray_artfuse_label_passes_total"] == 1
-    assert not [name for name in during if name.startswith("ray_artfuse_label_runs_total")], "ended while held"
-    assert during["ray_artfuse_label_images_per_second"] >= 0
-    assert after["ray_artfuse_label_rows_written_total"] == 33 == report["labelled"] + report["errors"]
-    assert after["ray_artfuse_label_error_rows_total"] == 1 == report["errors"]
-    assert after["ray_artfuse_label_review_rows_total"] == report["review"]["rows"] > 0
-    assert after["ray_artfuse_label_passes_total"] == 1
-    assert after['ray_artfuse_label_runs_total{end_state="success"}'] == 1
-    assert after["ray_artfuse_label_images_per_second"] > 0
-
-
-def label_and_scrape(model: str, collection: str, out: str, pause: str) -> None:
-    """Run in a subprocess: label on a head node with a fixed metrics port, the model actor held before its second
-    batch while the endpoint is scraped, then released; scrape again once the run has ended."""
-    from ray.cluster_utils import Cluster
-
-    port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "metrics_export_port": port})
-    ray.init(address=cluster.address, logging_level="WARNING")
-    held = ["pause.point=batch", "pause.after=2", f"pause.dir={pause}"]
-    cfg = load_config(None, [*TINY, *SMALL_STEPS, *held])
-    result: dict = {}
-
-    def run() -> None:
-        result["report"] = label(model, collection, out, cfg)
-
-    job = threading.Thread(target=run)
-    job.start()
-    while not (Path(pause) / PAUSED).exists() and job.is_alive():
-        time.sleep(0.05)
-    # Ray's processes report their metrics to the node every few seconds
-    result["during"] = scrape_until(
-        port, out, {"ray_artfuse_label_passes_total", "ray_artfuse_label_images_per_second"}
-    )
-    (Path(pause) / RELEASE).touch()
-    job.join()
-    result["after"] = scrape_until(port, out, {'ray_artfuse_label_runs_total{end_state="success"}'})
-    ray.shutdown()
-    cluster.shutdown()
-    print(json.dumps(result, default=str))
-
-
-def scrape_until(port: int, output: str, wanted: set[str], timeout_s: float = 60.0) -> dict[str, float]:
-    """The artfuse samples of `output` on the node's metrics endpoint (name, with end_state where it has one), once
-    every name in `wanted` is there."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        found = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name.startswith("ray_artfuse_") and sample.labels.get("output") == output:
-                    state = sample.labels.get("end_state")
-                    found[f'{sample.name}{{end_state="{state}"}}' if state else sample.name] = sample.value
-        if wanted <= set(found) or time.monotonic() > deadline:
-            return found
-        time.sleep(1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path) -> str:

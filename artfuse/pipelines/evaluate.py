@@ -24,9 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from artfuse.cluster.requests import label_pool
 from artfuse.cluster.runtime import ensure_ray
-from artfuse.cluster.watch import run_watched
 from artfuse.config import Config, ConfigError, DataConfig
 from artfuse.data import corrections, storage
 from artfuse.data.catalog import Collection, load_collection
@@ -40,7 +38,7 @@ from artfuse.models.calibration import (
 )
 from artfuse.models.package import read_manifest, set_calibration
 from artfuse.pipelines.ablate import RUN_RECORD
-from artfuse.pipelines.label import actor_resources, decode_resources, prediction_dataset, watch_limits
+from artfuse.pipelines.label import prediction_dataset
 from artfuse.pipelines.train import VAL_LOGITS
 from artfuse.reporting import tracking
 from artfuse.reporting.calibration import (
@@ -54,10 +52,6 @@ from artfuse.reporting.metrics import confusion_matrix, summarize
 from artfuse.reporting.plots import plot_confusion, plot_reliability, plot_risk_coverage
 
 log = logging.getLogger(__name__)
-
-
-class EvaluationStalled(RuntimeError):
-    """Scoring moved nothing for label.stall_timeout_s (or lost part of the cluster) in every pass."""
 
 
 def trained_split(data: DataConfig, training: dict, tasks: list[str]) -> DataConfig:
@@ -110,7 +104,9 @@ def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "te
     ensure_ray()
     # top-k over every label: the rows then carry each task's whole probability vector
     every_label = dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, topk=max(map(len, vocabs.values()))))
-    predicted = watched_predictions(truth, model_uri, every_label, ["uri", *(f"{t}_topk" for t in vocabs), "error"])
+    ds = prediction_dataset(truth, model_uri, every_label, run_id="evaluate", labelled_at=datetime.now(UTC))
+    topk = [f"{t}_topk" for t in vocabs]
+    predicted = pa.concat_tables(ray.get(ds.select_columns(["uri", *topk, "error"]).to_arrow_refs()))
     by_uri = {row["uri"]: row for row in predicted.to_pylist()}
     rows = [by_uri[uri] for uri in truth["uri"].to_pylist()]
     ok = np.array([row["error"] is None for row in rows], dtype=bool)
@@ -125,41 +121,6 @@ def score(model_uri: str, data_uri: str | None, cfg: Config, held_out: str = "te
                 probabilities[i, index[entry["label"]]] = entry["score"]
         scored.probabilities[task] = probabilities
     return scored
-
-
-def watched_predictions(truth: pa.Table, model_uri: str, cfg: Config, columns: list[str]) -> pa.Table:
-    """The package's prediction rows (`columns`) for `truth`, by the labelling pipeline under the label job's watch
-    (`cluster/watch.py`): a pass that moves nothing for label.stall_timeout_s (time waiting for nodes or for the model
-    actors to start not counted) or loses part of the cluster is stopped and run again, up to label.max_attempts
-    passes; then EvaluationStalled."""
-    lc = cfg.label
-    for number in range(1, lc.max_attempts + 1):
-        pool = label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
-        outcome = run_watched(predictions, (truth, model_uri, cfg, columns), {"pool": pool}, watch_limits(cfg))
-        if outcome.ended == "complete":
-            return outcome.result
-        log.warning("evaluation pass %d of %d %s: %s", number, lc.max_attempts, outcome.ended, outcome.cause)
-        if outcome.stop_unconfirmed:
-            break
-    stopped = (
-        f"moved nothing for {lc.stall_timeout_s:g} s (label.stall_timeout_s)"
-        if outcome.ended == "stalled"
-        else "lost part of the cluster"
-    )
-    raise EvaluationStalled(
-        f"evaluation {stopped} and was stopped, in {number} of at most {lc.max_attempts} passes (label.max_attempts): "
-        f"{outcome.cause}{f'; {outcome.stop_unconfirmed}' if outcome.stop_unconfirmed else ''}. Check the cluster's "
-        "nodes (a lost node, actors that cannot start), then run it again"
-    )
-
-
-def predictions(truth: pa.Table, model_uri: str, cfg: Config, columns: list[str], *, pool, progress) -> pa.Table:
-    """One evaluation pass, inside its runner: every row of `truth` through the labelling pipeline."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = prediction_dataset(truth, model_uri, cfg, run_id="evaluate", labelled_at=datetime.now(UTC), pool=pool,
-                            progress=progress)  # fmt: skip
-    ds.context.execution_no_progress_timeout_s = -1  # the driver's watch decides
-    return pa.concat_tables(ray.get(ds.select_columns(columns).to_arrow_refs()))
 
 
 def evaluate(model_uri: str, data_uri: str | None, cfg: Config, out_dir: str | Path | None = None) -> dict:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -31,9 +30,8 @@ import ray.data
 import torch
 from ray.data.exceptions import ExecutionTimeoutError
 
-from artfuse.cluster.requests import PoolSize, label_pool, may_grow
+from artfuse.cluster.requests import PoolSize, label_pool
 from artfuse.cluster.runtime import alive_node_ids, ensure_ray, node_cpus
-from artfuse.cluster.watch import Limits, Outcome, run_watched
 from artfuse.config import Config, ConfigError, LabelConfig, PauseConfig, StorageConfig
 from artfuse.data import gpudecode, stages, storage
 from artfuse.data.catalog import iter_inputs
@@ -44,9 +42,7 @@ from artfuse.models.calibration import review_thresholds
 from artfuse.models.package import load_package, read_manifest
 from artfuse.models.predict import CPU_INFERENCE_ENV, Predictor, pick_device
 from artfuse.pipelines.label_output import KEY, OutputState, labelled_inputs, output_lock
-from artfuse.pipelines.label_passes import LabelStalled, run_passes
 from artfuse.pipelines.pause import pause_point
-from artfuse.reporting.counters import LabelCounters
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -57,6 +53,11 @@ ANTI_JOIN_ROWS = 100_000  # inputs checked against the output at once: a listing
 # nvJPEG path, bench --simulate: steady 2,390 img/s with one call at a time, 3,713 with two, 4,190 with three).
 GPU_ACTOR_CALLS = 3
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+
+
+class LabelStalled(RuntimeError):
+    """The pipeline moved nothing for `label.stall_timeout_s` and was stopped; what it wrote stays (a rerun labels the
+    rest)."""
 
 
 def prediction_schema(tasks: dict[str, list[str]], embedding_dim: int | None) -> pa.Schema:
@@ -137,10 +138,7 @@ def prediction_rows(
 
 class LabelModel:
     """The model actor: loads the package once, then only copies, normalises and runs the forward pass
-    (and, with GPU decode, decodes the batch's JPEGs on its GPU first). With `progress` (the watched pass's runner,
-    `cluster/watch.py`) it reports each batch's rows there: that count is how the driver knows the pass moves."""
-
-    progress = None
+    (and, with GPU decode, decodes the batch's JPEGs on its GPU first)."""
 
     def __init__(
         self,
@@ -152,7 +150,6 @@ class LabelModel:
         gpu_decode: bool = False,
         max_pixels: int = 64_000_000,
         pause: PauseConfig | None = None,
-        progress=None,
     ):
         package = load_package(model_uri, storage_config)
         self.device = device = pick_device(cfg.num_gpus_per_actor > 0)
@@ -174,17 +171,13 @@ class LabelModel:
         self.resize = package.preprocess.resize
         self.max_pixels = max_pixels
         self.pause = pause
-        self.progress = progress
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pause_point(self.pause, "batch")  # fault tests only: off by default
         with self.own_stream():
             images, error = self.decode_on_device(batch) if self.gpu_decode else decoded_on_cpu(batch)
             outputs = self.predict(images) if len(images) else {}
-        rows = prediction_rows(batch | {"error": error}, outputs, **self.row_args)
-        if self.progress is not None:
-            self.progress.tick.remote(rows.num_rows)
-        return rows
+        return prediction_rows(batch | {"error": error}, outputs, **self.row_args)
 
     def own_stream(self) -> contextlib.AbstractContextManager:
         """On a GPU, this thread's own CUDA stream: calls on the default stream would queue behind each other."""
@@ -234,17 +227,9 @@ def uses_gpu_decode(cfg: LabelConfig) -> bool:
 
 
 def prediction_dataset(
-    table: pa.Table,
-    model_uri: str,
-    cfg: Config,
-    *,
-    run_id: str,
-    labelled_at: datetime,
-    pool: PoolSize | None = None,
-    progress=None,
+    table: pa.Table, model_uri: str, cfg: Config, *, run_id: str, labelled_at: datetime
 ) -> ray.data.Dataset:
-    """Inputs (uri, size, etag) -> prediction rows, as a lazy Ray Dataset (labelling and evaluation share it). `pool`:
-    the model actors' pool (default: `label_pool`, fitted to the nodes now); `progress`: see `LabelModel`."""
+    """Inputs (uri, size, etag) -> prediction rows, as a lazy Ray Dataset (labelling and evaluation share it)."""
     manifest = read_manifest(model_uri, cfg.storage)
     preprocess = Preprocess.from_dict(manifest["preprocess"])
     lc = cfg.label
@@ -265,9 +250,8 @@ def prediction_dataset(
         gpu_decode=gpu_decode,
         max_pixels=cfg.data.max_pixels,
         pause=cfg.pause,
-        progress=progress,
     )
-    pool = pool or label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
+    pool = label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
     return label_stages(table.select(carried), read, read_kwargs, LabelModel, actor_kwargs, lc, pool)
 
 
@@ -304,32 +288,28 @@ def label_stages(
 
 
 def write_predictions(ds: ray.data.Dataset, partition_uri: str, cfg: Config, run_id: str) -> None:
-    """Run the pipeline in this process, writing its rows as this run's Parquet files under `partition_uri`, with
-    Ray Data's own stop after `label.stall_timeout_s` without progress (raised as LabelStalled, naming the nodes lost
-    meanwhile). `artfuse bench --simulate` runs it so; the label job runs `label_pass` under watch instead."""
-    ds.context.execution_no_progress_timeout_s = cfg.label.stall_timeout_s or -1  # Ray Data's -1: never
-    nodes = alive_node_ids()
-    try:
-        write_parquet(ds, partition_uri, cfg, run_id)
-    except ExecutionTimeoutError as e:
-        raise stalled(cfg.label, len(nodes), len(nodes - alive_node_ids()), e) from e
-
-
-def write_parquet(ds: ray.data.Dataset, partition_uri: str, cfg: Config, run_id: str) -> None:
     """Run the pipeline, writing its rows as this run's Parquet files under `partition_uri`.
 
     The writers reserve no CPU and are as many as the model actors: writing a batch's rows takes milliseconds, and
     Ray Data reserves for an operator without a cap a share of the CPUs (a third, with three operators) that the
-    decode tasks then cannot have (simulated on an H200 node's resources: `artfuse bench --simulate`)."""
+    decode tasks then cannot have (simulated on an H200 node's resources: `artfuse bench --simulate`).
+
+    Ray Data stops a pipeline that moves nothing for `label.stall_timeout_s`: raised as LabelStalled, naming the
+    nodes lost meanwhile, the known cause (docs/architecture.md, "A lost node")."""
     fs, root = storage.arrow_filesystem(partition_uri, cfg.storage)
-    ds.write_parquet(
-        root,
-        filesystem=fs,
-        min_rows_per_file=max(cfg.label.rows_per_file, 1),
-        filename_provider=filename_provider(run_id),
-        concurrency=max(cfg.label.max_actors, 1),
-        ray_remote_args={"num_cpus": 0},
-    )
+    ds.context.execution_no_progress_timeout_s = cfg.label.stall_timeout_s or -1  # Ray Data's -1: never
+    nodes = alive_node_ids()
+    try:
+        ds.write_parquet(
+            root,
+            filesystem=fs,
+            min_rows_per_file=max(cfg.label.rows_per_file, 1),
+            filename_provider=filename_provider(run_id),
+            concurrency=max(cfg.label.max_actors, 1),
+            ray_remote_args={"num_cpus": 0},
+        )
+    except ExecutionTimeoutError as e:
+        raise stalled(cfg.label, len(nodes), len(nodes - alive_node_ids()), e) from e
 
 
 def stalled(cfg: LabelConfig, nodes: int, lost: int, error: Exception) -> LabelStalled:
@@ -385,36 +365,18 @@ def actor_runtime_env(cfg: LabelConfig) -> dict | None:
 
 
 def label(model_uri: str, input_uri: str, out_uri: str, cfg: Config) -> dict:
-    """Label what is new under `input_uri` into `out_uri`; returns (and writes) the run report. Its `end_state` is
-    `success`, or `finished_with_errors` when more than `label.max_error_fraction` of the rows are errors. A run that
-    fails raises; its report (`end_state` `failed`, and `error`) is written once it held the output's lock. The end
-    state and the rows go to the cluster's metrics too (`reporting/counters.py`)."""
+    """Label what is new under `input_uri` into `out_uri`; returns (and writes) the run report."""
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    counters = LabelCounters(out_uri)
-    report: dict = {"run_id": run_id}
-    try:
-        read_manifest(model_uri, cfg.storage)  # a bad --model fails here, before any work
-        with output_lock(out_uri, cfg.storage, run_id, cfg.label.break_lock) as taken_over:
-            if taken_over:
-                report["lock_taken_over_from"] = taken_over
-            label_locked(model_uri, input_uri, out_uri, cfg, report, counters)
-    except Exception as e:
-        report |= {"end_state": "failed", "error": f"{type(e).__name__}: {e}"}
-        if "listed" in report:  # it held the lock and read the output: its report goes beside the others
-            failed_report(report, out_uri, cfg)
-        end_counters(counters, report)
-        raise
-    write_report(report, out_uri, cfg)
-    end_counters(counters, report)
+    read_manifest(model_uri, cfg.storage)  # a bad --model fails here, before any work
+    with output_lock(out_uri, cfg.storage, run_id, cfg.label.break_lock) as taken_over:
+        report = label_locked(model_uri, input_uri, out_uri, cfg, run_id)
+    if taken_over:
+        report["lock_taken_over_from"] = taken_over
     return report
 
 
-def label_locked(
-    model_uri: str, input_uri: str, out_uri: str, cfg: Config, report: dict, counters: LabelCounters
-) -> None:
-    """`label`'s work, for the run that holds the output's lock: fills in `report` as it goes (a failed run's report
-    then says how far it got)."""
-    run_id = report["run_id"]
+def label_locked(model_uri: str, input_uri: str, out_uri: str, cfg: Config, run_id: str) -> dict:
+    """`label`'s work, for the run that holds the output's lock."""
     started = time.time()
     labelled_at = datetime.now(UTC)
     run_date = cfg.label.run_date or f"{labelled_at:%Y-%m-%d}"
@@ -433,155 +395,56 @@ def label_locked(
     done_set_s += output.read_s
     planning_s = time.time() - started - listed_s - done_set_s
     log.info("listed %d inputs, %d already labelled, %d to label", listed, listed - todo.num_rows, todo.num_rows)
-    partition = storage.join(out_uri, f"run_date={run_date}")
-    report |= {
-        "run_date": run_date,
-        "model": model_uri,
-        "input": input_uri,
-        "output": out_uri,
-        "partition": partition,
-        "listed": listed,
-        "skipped": listed - todo.num_rows,
-        "duplicates_ignored": duplicates,
-        "set_aside": output.set_aside,
-        "foreign_files": output.foreign,
-        "passes": [],
-    }
 
     counts = {"labelled": 0, "errors": 0, "review": {"rows": 0, "by_task": dict.fromkeys(thresholds, 0)}}
     ray_start_s = labelling_s = verify_s = 0.0
     if todo.num_rows:
         ensure_ray()
         ray_start_s = time.time() - started - listed_s - done_set_s - planning_s
+        planned = time.time()
+        partition = storage.join(out_uri, f"run_date={run_date}")
+        ds = prediction_dataset(todo, model_uri, cfg, run_id=run_id, labelled_at=labelled_at)
+        planning_s += time.time() - planned
         pipeline_started = time.time()
-        label_in_passes(todo, model_uri, cfg, report, counters, labelled_at=labelled_at)
+        write_predictions(ds, partition, cfg, run_id)
         labelling_s = time.time() - pipeline_started
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data stats:\n%s", ds.stats())
         counts = run_counts(partition, run_id, todo, cfg.storage, thresholds)
         verify_s = time.time() - pipeline_started - labelling_s
-    rows = counts["labelled"] + counts["errors"]
-    error_fraction = counts["errors"] / rows if rows else 0.0
-    report |= {
-        "end_state": "finished_with_errors" if error_fraction > cfg.label.max_error_fraction else "success",
+    elapsed = time.time() - started
+    report = {
+        "run_id": run_id,
+        "run_date": run_date,
+        "model": model_uri,
+        "input": input_uri,
+        "output": out_uri,
+        "listed": listed,
+        "skipped": listed - todo.num_rows,
         "labelled": counts["labelled"],
         "errors": counts["errors"],
-        "error_fraction": round(error_fraction, 4),
+        "duplicates_ignored": duplicates,
+        "set_aside": output.set_aside,
+        "foreign_files": output.foreign,
         # needs_review rows (failed ones included), per task the predictions below its threshold (None: every one)
         "review": counts["review"] | {"thresholds": {t: v if v < math.inf else None for t, v in thresholds.items()}},
         "img_s": round(todo.num_rows / labelling_s, 2) if labelling_s else 0.0,  # start-up included
         "durations_s": {
             "listing": round(listed_s, 2),
             "done_set": round(done_set_s, 2),  # reading what earlier runs labelled
-            "planning": round(planning_s, 2),  # what is left to label
+            "planning": round(planning_s, 2),  # what is left to label, as a Ray Dataset
             "ray_start": round(ray_start_s, 2),
-            "labelling": round(labelling_s, 2),  # every pass, and between passes reading what is still missing
+            "labelling": round(labelling_s, 2),
             "verifying": round(verify_s, 2),
-            "total": round(time.time() - started, 2),
+            "total": round(elapsed, 2),
         },
     }
-
-
-def label_in_passes(
-    todo: pa.Table, model_uri: str, cfg: Config, report: dict, counters: LabelCounters, *, labelled_at: datetime
-) -> None:
-    """Label `todo` in watched passes (`label_passes.run_passes`), each with an actor pool fitted to the nodes alive
-    when it starts; the passes go into `report["passes"]`, what later passes set aside into `report["set_aside"]`."""
-    lc, run_id, partition = cfg.label, report["run_id"], report["partition"]
-    limits = watch_limits(cfg)
-    through_model = [0, 0.0]  # rows and seconds of the passes before this one, for images per second
-
-    def start(inputs: pa.Table) -> tuple[Outcome, PoolSize]:
-        pool = label_pool(lc, actor_resources(lc), decode_resources(lc), cfg.cluster)
-        log.info("pass: %d inputs, %d to %d model actors", inputs.num_rows, pool.min, pool.max)
-        counters.pass_started()
-
-        def moved(rows: int, seconds: float) -> None:
-            counters.throughput((through_model[0] + rows) / max(through_model[1] + seconds, 1e-9))
-
-        kwargs = dict(run_id=run_id, labelled_at=labelled_at, partition_uri=partition, pool=pool)
-        kwargs["with_stats"] = log.isEnabledFor(logging.DEBUG)
-        outcome = run_watched(label_pass, (inputs, model_uri, cfg), kwargs, limits, on_progress=moved)
-        through_model[0] += outcome.rows
-        through_model[1] += outcome.seconds
-        if outcome.result:
-            log.debug("Ray Data stats:\n%s", outcome.result)
-        return outcome, pool
-
-    def missing() -> pa.Table:
-        remaining, moved = still_missing(todo, partition, report["output"], cfg.storage, run_id)
-        report["set_aside"] += moved
-        return remaining
-
-    run_passes(todo, lc, report["passes"], start, missing)
-
-
-def label_pass(
-    table: pa.Table,
-    model_uri: str,
-    cfg: Config,
-    *,
-    run_id: str,
-    labelled_at: datetime,
-    partition_uri: str,
-    pool: PoolSize,
-    progress,
-    with_stats: bool = False,
-) -> str | None:
-    """One pass, inside its runner (`cluster/watch.py`): label `table` into `partition_uri`. Ray Data's own stop is
-    off: the driver's watch stops a pass that stalls, and does not for one that waits. Returns Ray Data's stats when
-    asked (`-v`)."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # a bar from a worker is a log line an update
-    ds = prediction_dataset(table, model_uri, cfg, run_id=run_id, labelled_at=labelled_at, pool=pool, progress=progress)
-    ds.context.execution_no_progress_timeout_s = -1
-    write_parquet(ds, partition_uri, cfg, run_id)
-    return ds.stats() if with_stats else None
-
-
-def still_missing(
-    todo: pa.Table, partition_uri: str, out_uri: str, storage_config: StorageConfig | None, run_id: str
-) -> tuple[pa.Table, list[dict]]:
-    """What of `todo` the output does not hold after a stopped pass, read back as a rerun reads it (files of ours cut
-    short are set aside first); with what was set aside."""
-    output = labelled_inputs(out_uri, storage_config)
-    moved = output.set_aside_torn(run_id)
-    parts = [output.not_done(todo.slice(start, ANTI_JOIN_ROWS)) for start in range(0, todo.num_rows, ANTI_JOIN_ROWS)]
-    return pa.concat_tables([part.select(todo.column_names) for part in parts]), moved
-
-
-def watch_limits(cfg: Config) -> Limits:
-    """What the watch of a label or evaluate pass stops and fails on (label.stall_timeout_s, label.wait_timeout_s)."""
-    return Limits(cfg.label.stall_timeout_s, cfg.label.wait_timeout_s, may_grow(cfg.cluster))
-
-
-def write_report(report: dict, out_uri: str, cfg: Config) -> None:
     storage.write_bytes(
-        storage.join(out_uri, "_reports", f"{report['run_id']}.json"),
+        storage.join(out_uri, "_reports", f"{run_id}.json"),
         json.dumps(report, indent=1).encode(),
         cfg.storage,
     )
-
-
-def failed_report(report: dict, out_uri: str, cfg: Config) -> None:
-    """A failed run's report, with the rows it wrote (what a rerun will skip); never a second failure."""
-    try:
-        if "partition" in report:
-            report |= written_counts(report["partition"], report["run_id"], cfg.storage)
-        write_report(report, out_uri, cfg)
-    except Exception as e:  # noqa: BLE001 - the run's own failure is what the caller raises
-        log.warning("could not write the failed run's report: %s: %s", type(e).__name__, e)
-
-
-def end_counters(counters: LabelCounters, report: dict) -> None:
-    """The run's end state and rows, to the cluster's metrics; on a cluster (RAY_ADDRESS) even a run that never
-    started Ray connects for it. Never a failure of its own."""
-    try:
-        if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-            ensure_ray()
-        review = report.get("review", {}).get("rows", 0)
-        counters.ended(
-            report["end_state"], report.get("labelled", 0) + report.get("errors", 0), report.get("errors", 0), review
-        )
-    except Exception as e:  # noqa: BLE001 - monitoring must not change how the run ends
-        log.warning("could not export the run's counters: %s: %s", type(e).__name__, e)
+    return report
 
 
 def inputs_not_done(
@@ -617,11 +480,14 @@ def run_counts(
 ) -> dict:
     """Labelled and error rows this run wrote, and `review_counts`; raises unless they are exactly one row per input
     in `todo`."""
-    written = own_rows(partition_uri, run_id, storage_config, ["uri", "etag", "size", "error", "needs_review",
-                                                              *(f"{task}_score" for task in thresholds)])  # fmt: skip
-    if written is None:
-        raise RuntimeError(f"labelling lost every row: {todo.num_rows} inputs to label, no file written under "
-                           f"{partition_uri}")  # fmt: skip
+    fs, root = storage.arrow_filesystem(partition_uri, storage_config)
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    mine = [f.path for f in found if f.type == pafs.FileType.File and is_own_file(f.path, run_id)]
+    if not mine:
+        raise RuntimeError(f"labelling lost every row: {todo.num_rows} inputs to label, no file written under {root}")
+    written = pads.dataset(mine, filesystem=fs, format="parquet").to_table(
+        columns=["uri", "etag", "size", "error", "needs_review", *(f"{task}_score" for task in thresholds)]
+    )
     distinct = written.group_by(KEY).aggregate([])
     missing = todo.join(distinct, keys=KEY, join_type="left anti").num_rows
     if written.num_rows != todo.num_rows or distinct.num_rows != written.num_rows or missing:
@@ -631,28 +497,6 @@ def run_counts(
         )
     labelled = written["error"].null_count
     return {"labelled": labelled, "errors": written.num_rows - labelled, "review": review_counts(written, thresholds)}
-
-
-def written_counts(partition_uri: str, run_id: str, storage_config: StorageConfig | None) -> dict:
-    """Rows this run wrote so far, unchecked (a failed run's report): labelled, errors, review rows."""
-    written = own_rows(partition_uri, run_id, storage_config, ["error", "needs_review"])
-    if written is None:
-        return {"labelled": 0, "errors": 0, "review": {"rows": 0}}
-    labelled = written["error"].null_count
-    review = pc.sum(written["needs_review"]).as_py() or 0
-    return {"labelled": labelled, "errors": written.num_rows - labelled, "review": {"rows": review}}
-
-
-def own_rows(
-    partition_uri: str, run_id: str, storage_config: StorageConfig | None, columns: list[str]
-) -> pa.Table | None:
-    """`columns` of the rows in this run's files under `partition_uri` (None: it wrote no file)."""
-    fs, root = storage.arrow_filesystem(partition_uri, storage_config)
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    mine = [f.path for f in found if f.type == pafs.FileType.File and is_own_file(f.path, run_id)]
-    if not mine:
-        return None
-    return pads.dataset(mine, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
 def review_counts(written: pa.Table, thresholds: dict[str, float]) -> dict:
